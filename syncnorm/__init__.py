@@ -1,0 +1,36 @@
+"""syncnorm: synchronised normalisation layers for data-parallel PyTorch training.
+
+BatchNorm statistics over the global mini-batch of all ranks, on CPU (gloo) and
+CUDA (NCCL), one all_reduce of O(C) values per pass, torch.compile friendly.
+"""
+
+from . import functional
+from .collectives import (
+    SyncNormCollectiveError,
+    SyncNormMismatchError,
+    check_enabled,
+    group_size,
+    new_sync_groups,
+    resolve_group,
+    set_check,
+)
+from .convert import convert_sync_batchnorm, revert_sync_batchnorm
+from .guard import SyncNormNonFiniteError
+from .modules import SyncBatchNorm
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SyncBatchNorm",
+    "SyncNormCollectiveError",
+    "SyncNormMismatchError",
+    "SyncNormNonFiniteError",
+    "check_enabled",
+    "convert_sync_batchnorm",
+    "functional",
+    "group_size",
+    "new_sync_groups",
+    "resolve_group",
+    "revert_sync_batchnorm",
+    "set_check",
+]

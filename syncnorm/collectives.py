@@ -1,0 +1,169 @@
+"""The one place where syncnorm talks to other ranks.
+
+Everything that crosses a process boundary goes through :func:`all_reduce`
+(and, on failure paths only, :func:`all_gather_rows`), so that a dead peer or
+an expired timeout always surfaces as a :class:`SyncNormCollectiveError` that
+names the layer and the rank, never as a bare backend error.
+
+Process groups travel into the custom ops (see ``functional.py``) by *name*:
+a ``ProcessGroup`` object cannot be an argument of a ``torch.library`` op, a
+string can, and torch keeps a registry from group names back to groups.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional, Union
+
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    "SyncGroup",
+    "SyncNormCollectiveError",
+    "SyncNormMismatchError",
+    "all_reduce",
+    "check_enabled",
+    "group_name",
+    "group_size",
+    "new_sync_groups",
+    "resolve_group",
+    "set_check",
+]
+
+# What users may pass as ``process_group``: nothing (the default group), a
+# ProcessGroup, or a 1-D DeviceMesh (for example ``mesh["dp"]``).
+SyncGroup = Union[None, dist.ProcessGroup, Any]
+
+
+class SyncNormCollectiveError(RuntimeError):
+    """A syncnorm collective failed: a peer died, or the group's timeout expired."""
+
+
+class SyncNormMismatchError(RuntimeError):
+    """The ranks disagreed about which layer they are at, or about its inputs."""
+
+
+def _is_device_mesh(obj: object) -> bool:
+    return type(obj).__name__ == "DeviceMesh" and hasattr(obj, "get_group")
+
+
+def resolve_group(process_group: SyncGroup) -> Optional[dist.ProcessGroup]:
+    """Turn what the user passed into a ProcessGroup (``None`` when not distributed)."""
+    if _is_device_mesh(process_group):
+        if process_group.ndim != 1:
+            names = getattr(process_group, "mesh_dim_names", None)
+            hint = f'mesh["{names[0]}"]' if names else "a 1-D slice of it"
+            raise ValueError(
+                f"syncnorm: got a {process_group.ndim}-D DeviceMesh as process_group; "
+                f"BatchNorm statistics are synchronised over one mesh dimension only. "
+                f"Pass the data-parallel dimension, e.g. {hint} (mesh_dim_names={names})."
+            )
+        return process_group.get_group()
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    if process_group is None:
+        return dist.group.WORLD
+    if not isinstance(process_group, dist.ProcessGroup):
+        raise TypeError(
+            "syncnorm: process_group must be None, a torch.distributed ProcessGroup or a 1-D "
+            f"DeviceMesh, got {type(process_group).__name__}"
+        )
+    return process_group
+
+
+def group_size(process_group: SyncGroup) -> int:
+    """Number of ranks the statistics are synchronised over (1 when not distributed)."""
+    group = resolve_group(process_group)
+    return 1 if group is None else dist.get_world_size(group)
+
+
+def group_name(process_group: SyncGroup) -> str:
+    """The registry name of the group, which is what the custom ops take."""
+    group = resolve_group(process_group)
+    if group is None:
+        raise RuntimeError("syncnorm: torch.distributed is not initialised")
+    return group.group_name
+
+
+def lookup_group(name: str) -> dist.ProcessGroup:
+    return dist.distributed_c10d._resolve_process_group(name)
+
+
+def new_sync_groups(group_size: int) -> dist.ProcessGroup:
+    """Split the default group into blocks of ``group_size`` consecutive ranks.
+
+    Every rank must call this (``new_group`` is collective); each gets back the
+    group of its own block, to pass as ``process_group``. Use it to synchronise
+    within a node (``group_size=local_world_size``) or within a block of GPUs.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("syncnorm.new_sync_groups: call torch.distributed.init_process_group first")
+    world = dist.get_world_size()
+    if group_size < 1 or world % group_size != 0:
+        raise ValueError(
+            f"syncnorm.new_sync_groups: group_size={group_size} must be >= 1 and divide the "
+            f"world size {world}"
+        )
+    rank = dist.get_rank()
+    mine = None
+    for start in range(0, world, group_size):
+        group = dist.new_group(list(range(start, start + group_size)))
+        if start <= rank < start + group_size:
+            mine = group
+    assert mine is not None
+    return mine
+
+
+def all_reduce(
+    tensor: torch.Tensor,
+    group: dist.ProcessGroup,
+    *,
+    layer: str,
+    what: str,
+    op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM,
+) -> torch.Tensor:
+    """In-place all_reduce that names the syncnorm layer when it fails."""
+    try:
+        dist.all_reduce(tensor, op=op, group=group)
+    except Exception as err:  # backend errors have no common base class
+        raise SyncNormCollectiveError(
+            f"syncnorm: the {what} all_reduce of layer '{layer}' failed on rank "
+            f"{dist.get_rank()} (group of {dist.get_world_size(group)}): a peer may have died, "
+            f"skipped this layer, or the process group's timeout expired. "
+            f"Backend said: {type(err).__name__}: {err}"
+        ) from err
+    return tensor
+
+
+def all_gather_rows(row: torch.Tensor, group: dist.ProcessGroup, *, layer: str, what: str) -> torch.Tensor:
+    """Gather one small row per rank; used only on error paths to name the ranks."""
+    rows = [torch.empty_like(row) for _ in range(dist.get_world_size(group))]
+    try:
+        dist.all_gather(rows, row, group=group)
+    except Exception as err:
+        raise SyncNormCollectiveError(
+            f"syncnorm: the {what} all_gather of layer '{layer}' failed on rank {dist.get_rank()}: "
+            f"{type(err).__name__}: {err}"
+        ) from err
+    return torch.stack(rows)
+
+
+# --- the rank-consistency guard switch --------------------------------------------------------
+
+_check_override: Optional[bool] = None
+
+
+def set_check(enabled: Optional[bool]) -> None:
+    """Turn the rank-consistency and non-finite guard on or off for this process.
+
+    ``None`` goes back to the environment variable ``SYNCNORM_CHECK`` (off unless "1").
+    """
+    global _check_override
+    _check_override = enabled
+
+
+def check_enabled() -> bool:
+    if _check_override is not None:
+        return _check_override
+    return os.environ.get("SYNCNORM_CHECK", "0") not in ("", "0", "false", "False")

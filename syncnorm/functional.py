@@ -1,0 +1,313 @@
+"""The synchronised batch-norm op: local statistics, one all_reduce, normalise; and its backward.
+
+Both passes are ``torch.library`` custom ops (``syncnorm::batch_norm_forward`` and
+``syncnorm::batch_norm_backward``) tied together with ``register_autograd``. Eager
+mode calls the same ops that ``torch.compile`` records, so there is one
+implementation; to Dynamo each pass is a single opaque node with a fake (meta)
+kernel, which is what lets a model with synchronised BatchNorm compile with
+``fullgraph=True``. The process group goes in by name (``collectives.py``).
+
+Forward, per channel, with n_r the rank's element count:
+    local:   mean_r, var_r           (torch's native statistics kernel)
+    reduce:  [n, sum x, sum x^2] = [n_r, n_r mean_r, n_r (var_r + mean_r^2)]  in float64
+    global:  mean = sum x / n,  var = sum x^2 / n - mean^2   (biased)
+    output:  (x - mean) / sqrt(var + eps) * weight + bias     (torch's native kernel)
+Backward, with x_hat = (x - mean) / sqrt(var + eps):
+    reduce:  [sum dy, sum dy * x_hat]  (local sums from torch's native kernel)
+    dx = weight / sqrt(var + eps) * (dy - sum dy / n - x_hat * sum(dy * x_hat) / n)
+    d weight = sum_local dy * x_hat,  d bias = sum_local dy   (each rank's share;
+    DDP's gradient averaging then treats them like any other parameter)
+
+float64 accumulation of the per-rank terms keeps the variance right when the mean
+is large next to the standard deviation; each rank's own statistics come from
+torch's kernels, which are stable (Welford / double accumulation) locally.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import collectives, guard
+
+__all__ = ["sync_batch_norm", "batch_norm_stats", "update_running_stats", "validate_input"]
+
+
+def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    # Statistics of half-precision inputs are kept in float32, as torch does.
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _channel_view(t: Tensor, ndim: int) -> Tensor:
+    return t.view((1, -1) + (1,) * (ndim - 2))
+
+
+def validate_input(input: Tensor, num_features: Optional[int], layer: str) -> None:
+    """The checks every rank runs before any collective (they need no communication)."""
+    if input.dim() < 2:
+        raise ValueError(
+            f"syncnorm: layer '{layer}' expects input of shape (N, C) or (N, C, *spatial), "
+            f"got a {input.dim()}-D tensor of shape {tuple(input.shape)}"
+        )
+    if not input.is_floating_point():
+        raise ValueError(f"syncnorm: layer '{layer}' needs a floating-point input, got dtype {input.dtype}")
+    channels = input.shape[1]
+    if channels == 0:
+        raise ValueError(f"syncnorm: layer '{layer}' got an input with zero channels, shape {tuple(input.shape)}")
+    if num_features is not None and channels != num_features:
+        raise ValueError(
+            f"syncnorm: layer '{layer}' was built for {num_features} channels but got input with "
+            f"{channels} channels (shape {tuple(input.shape)}); check the layer before it"
+        )
+
+
+def batch_norm_stats(input: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and biased variance of an (N, C, *) tensor, in the statistics dtype."""
+    channels = input.shape[1]
+    stats_dtype = _stats_dtype(input.dtype)
+    if input.numel() == 0:
+        zeros = input.new_zeros(channels, dtype=stats_dtype)
+        return zeros, zeros.clone()
+    if input.dtype == stats_dtype:
+        return torch.batch_norm_update_stats(input, None, None, 0.0)
+    # With float32 running buffers torch's kernel returns float32 statistics for half
+    # inputs; momentum 0 leaves these scratch buffers as they are.
+    scratch_mean = input.new_zeros(channels, dtype=stats_dtype)
+    scratch_var = input.new_ones(channels, dtype=stats_dtype)
+    return torch.batch_norm_update_stats(input, scratch_mean, scratch_var, 0.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# forward
+
+
+@torch.library.custom_op("syncnorm::batch_norm_forward", mutates_args=())
+def _forward_op(
+    input: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    eps: float,
+    group_name: str,
+    layer: str,
+    check: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    group = collectives.lookup_group(group_name)
+    channels = input.shape[1]
+    local_count = input.numel() // channels
+    if check:
+        guard.verify_consistency(
+            group, layer, channels=channels, dtype=input.dtype, training=True,
+            kind=guard.KIND_FORWARD, ndim=input.dim(), device=input.device,
+        )  # fmt: skip
+    local_mean, local_var = batch_norm_stats(input)
+    mean64 = local_mean.to(torch.float64)
+    sums = torch.empty(2 * channels + 1, dtype=torch.float64, device=input.device)
+    sums[0] = local_count
+    torch.mul(mean64, local_count, out=sums[1 : channels + 1])
+    torch.mul(torch.addcmul(local_var.to(torch.float64), mean64, mean64), local_count, out=sums[channels + 1 :])
+    local_sums = sums.clone() if check else None
+    collectives.all_reduce(sums, group, layer=layer, what="forward statistics")
+    count = sums[0]
+    if local_count <= 1 and float(count) <= 1:
+        # Only ranks holding <= 1 value read the count back (a host sync on CUDA); the
+        # global count can be <= 1 only if every rank holds <= 1, so all of them raise.
+        raise ValueError(
+            f"syncnorm: layer '{layer}' got {int(count)} value(s) per channel over all ranks in "
+            "training mode; batch statistics need at least 2 (use a larger batch, or eval mode)"
+        )
+    if check:
+        guard.verify_finite(sums, local_sums, group, layer)
+    mean = sums[1 : channels + 1] / count
+    var = (sums[channels + 1 :] / count - mean * mean).clamp_min_(0)
+    stats_dtype = local_mean.dtype
+    mean, var = mean.to(stats_dtype), var.to(stats_dtype)
+    output = F.batch_norm(input, mean, var, weight, bias, False, 0.0, eps)
+    return output, mean, var, count
+
+
+@_forward_op.register_fake
+def _(input, weight, bias, eps, group_name, layer, check):
+    channels = input.shape[1]
+    stats_dtype = _stats_dtype(input.dtype)
+    return (
+        torch.empty_like(input),
+        input.new_empty(channels, dtype=stats_dtype),
+        input.new_empty(channels, dtype=stats_dtype),
+        input.new_empty((), dtype=torch.float64),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# backward
+
+
+@torch.library.custom_op("syncnorm::batch_norm_backward", mutates_args=())
+def _backward_op(
+    grad_output: Tensor,
+    input: Tensor,
+    weight: Optional[Tensor],
+    mean: Tensor,
+    var: Tensor,
+    count: Tensor,
+    eps: float,
+    group_name: str,
+    layer: str,
+    check: bool,
+    input_needs_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    channels = input.shape[1]
+    if input.numel() == 0:
+        sum_dy_xhat = mean.new_zeros(channels)
+        sum_dy = mean.new_zeros(channels)
+    else:
+        # Eval-mode backward with (mean, var) as "running" statistics returns exactly
+        # sum(dy * x_hat) and sum(dy), in one fused pass.
+        _, sum_dy_xhat, sum_dy = torch.ops.aten.native_batch_norm_backward(
+            grad_output, input, weight, mean, var, None, None, False, eps, [False, True, True]
+        )
+    if not input_needs_grad:
+        return input.new_empty(0), sum_dy_xhat, sum_dy
+    group = collectives.lookup_group(group_name)
+    if check:
+        guard.verify_consistency(
+            group, layer, channels=channels, dtype=input.dtype, training=True,
+            kind=guard.KIND_BACKWARD, ndim=input.dim(), device=input.device,
+        )  # fmt: skip
+    sums = torch.cat([sum_dy, sum_dy_xhat])
+    collectives.all_reduce(sums, group, layer=layer, what="backward gradient")
+    if input.numel() == 0:
+        return torch.empty_like(input), sum_dy_xhat, sum_dy
+    invstd = torch.rsqrt(var + eps)
+    if input.is_cuda:
+        sum_dy_xmu = sums[channels:] / invstd
+        return (
+            torch.batch_norm_backward_elemt(
+                grad_output, input, mean, invstd, weight, sums[:channels], sum_dy_xmu,
+                count.to(torch.int32).reshape(1),
+            ),
+            sum_dy_xhat,
+            sum_dy,
+        )  # fmt: skip
+    # dx = c2 * dy + c1 * x + c0, per channel; native kernels do both passes.
+    mean_dy = sums[:channels] / count
+    mean_dy_xhat = sums[channels:] / count
+    c2 = invstd if weight is None else weight * invstd
+    c1 = -c2 * invstd * mean_dy_xhat
+    c0 = -c2 * mean_dy - c1 * mean
+    grad_input = F.batch_norm(input, torch.zeros_like(mean), torch.ones_like(var), c1, c0, False, 0.0, 0.0)
+    grad_input.addcmul_(grad_output, _channel_view(c2, input.dim()))
+    return grad_input, sum_dy_xhat, sum_dy
+
+
+@_backward_op.register_fake
+def _(grad_output, input, weight, mean, var, count, eps, group_name, layer, check, input_needs_grad):
+    grad_input = torch.empty_like(input) if input_needs_grad else input.new_empty(0)
+    return grad_input, torch.empty_like(mean), torch.empty_like(mean)
+
+
+def _setup_context(ctx, inputs, output):
+    input, weight, _bias, eps, group_name, layer, check = inputs
+    _, mean, var, count = output
+    ctx.save_for_backward(input, weight, mean, var, count)
+    ctx.eps, ctx.group_name, ctx.layer, ctx.check = eps, group_name, layer, check
+
+
+def _backward(ctx, grad_output, _grad_mean, _grad_var, _grad_count):
+    input, weight, mean, var, count = ctx.saved_tensors
+    needs_input, needs_weight, needs_bias = ctx.needs_input_grad[:3]
+    grad_input, grad_weight, grad_bias = torch.ops.syncnorm.batch_norm_backward(
+        grad_output, input, weight, mean, var, count, ctx.eps, ctx.group_name, ctx.layer, ctx.check, needs_input
+    )
+    return (
+        grad_input if needs_input else None,
+        grad_weight.to(weight.dtype) if needs_weight else None,
+        grad_bias.to(weight.dtype) if needs_bias else None,
+        None, None, None, None,
+    )  # fmt: skip
+
+
+torch.library.register_autograd("syncnorm::batch_norm_forward", _backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# public functional form
+
+
+def update_running_stats(
+    running_mean: Tensor,
+    running_var: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    count: Tensor,
+    momentum: Union[float, Tensor],
+) -> None:
+    """running = (1 - momentum) * running + momentum * batch, with the unbiased batch variance.
+
+    Called only after the forward op has returned, so a failed step never leaves
+    the running statistics half-updated. ``momentum`` may be a tensor (the
+    cumulative average of ``momentum=None``) so that nothing is read back to the host.
+    """
+    with torch.no_grad():
+        unbiased = var * (count / (count - 1)).to(var.dtype)
+        if isinstance(momentum, Tensor):
+            momentum = momentum.to(running_mean.dtype)
+        running_mean.lerp_(mean.to(running_mean.dtype), momentum)
+        running_var.lerp_(unbiased.to(running_var.dtype), momentum)
+
+
+def sync_batch_norm(
+    input: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    training: bool = False,
+    momentum: Union[float, Tensor] = 0.1,
+    eps: float = 1e-5,
+    process_group: collectives.SyncGroup = None,
+    *,
+    layer: str = "sync_batch_norm",
+    check: Optional[bool] = None,
+) -> Tensor:
+    """Batch norm whose training-mode statistics cover the batches of every rank in the group.
+
+    Same arguments as :func:`torch.nn.functional.batch_norm` plus ``process_group``
+    (None for the default group, a ProcessGroup, or a 1-D DeviceMesh). In training
+    mode ``running_mean``/``running_var`` (if given) are updated in place with the
+    global statistics, identically on every rank. In eval mode, without
+    torch.distributed, or in a group of one rank, this is exactly ``F.batch_norm``.
+    """
+    num_features = running_mean.numel() if running_mean is not None else (weight.numel() if weight is not None else None)
+    validate_input(input, num_features, layer)
+    group = collectives.resolve_group(process_group)
+    if not training or group is None or group.size() == 1:
+        if training and input.numel() // input.shape[1] <= 1:
+            # F.batch_norm's own message; raised here so the text names the layer.
+            raise ValueError(f"syncnorm: layer '{layer}' needs more than 1 value per channel when training, got input of shape {tuple(input.shape)}")
+        if not training and check_requested(check) and group is not None and group.size() > 1:
+            verify_eval_consistency(input, group, layer)
+        return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    output, mean, var, count = torch.ops.syncnorm.batch_norm_forward(
+        input, weight, bias, eps, group.group_name, layer, check_requested(check)
+    )
+    if running_mean is not None and running_var is not None:
+        update_running_stats(running_mean, running_var, mean, var, count, momentum)
+    return output
+
+
+def check_requested(check: Optional[bool]) -> bool:
+    return collectives.check_enabled() if check is None else check
+
+
+def verify_eval_consistency(input: Tensor, group, layer: str) -> None:
+    # Only with the guard on: an eval-mode call joins the consistency check so that a
+    # rank left in eval mode while the others train is named instead of hanging them.
+    if torch.compiler.is_compiling():
+        return
+    guard.verify_consistency(
+        group, layer, channels=input.shape[1], dtype=input.dtype, training=False,
+        kind=guard.KIND_FORWARD, ndim=input.dim(), device=input.device,
+    )  # fmt: skip

@@ -1,0 +1,125 @@
+"""One multi-process harness for every multi-rank test.
+
+``run_ranks(fn, world_size, *args)`` forks ``world_size`` processes, joins them
+into a real gloo process group (a FileStore in a fresh temp folder, so tests
+running in parallel under pytest-xdist never fight over a port), runs
+``fn(rank, world_size, *args)`` on each and returns the per-rank results.
+
+Teardown is deliberate, because gloo aborts a process ("terminate called
+without an active exception") when a peer leaves while it is still in a
+collective: a rank that succeeded writes its result, waits at a barrier for the
+others and then leaves with ``os._exit`` so no gloo destructor runs at
+interpreter exit. A rank that failed writes its error and leaves at once; its
+peers then fail fast on the closed connection (or at the group timeout). A hard
+timeout kills every rank, so a hang fails the test instead of blocking CI.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import pickle
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class RankError:
+    """What a rank raised, for tests that expect errors."""
+
+    type_name: str
+    message: str
+    traceback: str
+
+    def __str__(self) -> str:
+        return f"{self.type_name}: {self.message}"
+
+
+class RanksHung(AssertionError):
+    pass
+
+
+def _worker(fn, rank, world_size, args, folder, pg_timeout_s, threads):
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    torch.set_num_threads(threads)
+    result_path = os.path.join(folder, f"rank{rank}.pkl")
+    code = 0
+    try:
+        store = dist.FileStore(os.path.join(folder, "store"), world_size)
+        dist.init_process_group(
+            "gloo", store=store, rank=rank, world_size=world_size, timeout=timedelta(seconds=pg_timeout_s)
+        )
+        torch.manual_seed(1234 + rank)
+        outcome: Any = fn(rank, world_size, *args)
+    except BaseException as err:  # report everything, including SystemExit from the test body
+        outcome = RankError(type(err).__name__, str(err), traceback.format_exc())
+        code = 1
+    with open(result_path + ".tmp", "wb") as handle:
+        pickle.dump(outcome, handle)
+    os.replace(result_path + ".tmp", result_path)
+    if code == 0:
+        try:
+            dist.barrier()
+        except BaseException:
+            pass
+    os._exit(code)
+
+
+def run_ranks(
+    fn: Callable[..., Any],
+    world_size: int,
+    *args: Any,
+    timeout: float = 120.0,
+    pg_timeout: float = 30.0,
+    expect_errors: bool = False,
+    threads: int = 1,
+) -> list[Any]:
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; return each rank's result.
+
+    With ``expect_errors=False`` any rank's exception fails the test with that
+    rank's traceback; with ``True`` the exception comes back as a :class:`RankError`.
+    """
+    context = mp.get_context("fork")
+    with tempfile.TemporaryDirectory(prefix="syncnorm-ranks-") as folder:
+        procs = [
+            context.Process(target=_worker, args=(fn, rank, world_size, args, folder, pg_timeout, threads), daemon=True)
+            for rank in range(world_size)
+        ]
+        for proc in procs:
+            proc.start()
+        deadline = time.monotonic() + timeout
+        for proc in procs:
+            proc.join(max(0.0, deadline - time.monotonic()))
+        hung = [rank for rank, proc in enumerate(procs) if proc.is_alive()]
+        for proc in procs:
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+        results: list[Any] = []
+        for rank in range(world_size):
+            path = os.path.join(folder, f"rank{rank}.pkl")
+            if os.path.exists(path):
+                with open(path, "rb") as handle:
+                    results.append(pickle.load(handle))
+            else:
+                results.append(RankError("NoResult", f"rank {rank} exited with code {procs[rank].exitcode}", ""))
+    if hung:
+        raise RanksHung(f"ranks {hung} did not finish within {timeout}s; results: {results}")
+    if not expect_errors:
+        for rank, outcome in enumerate(results):
+            if isinstance(outcome, RankError):
+                raise AssertionError(f"rank {rank} failed:\n{outcome.traceback or outcome}")
+    return results
+
+
+def shard(global_batch: torch.Tensor, rank: int, sizes: list[int]) -> torch.Tensor:
+    """This rank's slice of a global batch split into consecutive pieces of the given sizes."""
+    start = sum(sizes[:rank])
+    return global_batch[start : start + sizes[rank]]
