@@ -90,7 +90,10 @@ class SyncBatchNorm(_BatchNorm):
         if tracking:
             self.num_batches_tracked.add_(1)
             if self.momentum is None:  # cumulative moving average, kept on the device
-                momentum = 1.0 / self.num_batches_tracked if self._synchronised() else 1.0 / float(self.num_batches_tracked)
+                if self._synchronised():
+                    momentum = torch.reciprocal(self.num_batches_tracked.to(self.running_mean.dtype))
+                else:
+                    momentum = 1.0 / float(self.num_batches_tracked)
         try:
             return sync_batch_norm(
                 input,

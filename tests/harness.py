@@ -113,9 +113,9 @@ def run_ranks(
     if hung:
         raise RanksHung(f"ranks {hung} did not finish within {timeout}s; results: {results}")
     if not expect_errors:
-        for rank, outcome in enumerate(results):
-            if isinstance(outcome, RankError):
-                raise AssertionError(f"rank {rank} failed:\n{outcome.traceback or outcome}")
+        failures = [f"rank {rank} failed:\n{r.traceback or r}" for rank, r in enumerate(results) if isinstance(r, RankError)]
+        if failures:
+            raise AssertionError("\n".join(failures))
     return results
 
 
