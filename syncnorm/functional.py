@@ -70,18 +70,18 @@ def batch_norm_stats(input: Tensor) -> tuple[Tensor, Tensor]:
     Two routes, both stable when the mean is large next to the spread:
     * contiguous (N, C, *spatial) input: subtract a per-channel shift (the mean of
       the first sample's positions, which is close to the channel mean), then
-      float32 sums of the shifted values and their squares. On CPU this is 5-10x
+      float32 sums of the shifted values and their squares (CPU only). This is 5-10x
       faster than torch's Welford kernel for this layout, and the shift keeps
       sum-of-squares cancellation harmless; the mean is rebuilt in float64.
-    * (N, C) and channels_last input: torch's own statistics kernel, which is
-      fast for these layouts.
+    * (N, C) and channels_last input on CPU, and everything on CUDA: torch's own
+      one-pass (Welford) statistics kernel, which is fast there.
     """
     channels = input.shape[1]
     if input.numel() == 0:
         zeros = input.new_zeros(channels, dtype=torch.float64)
         return zeros, zeros.clone()
     stats_dtype = _stats_dtype(input.dtype)
-    if input.dim() > 2 and input.is_contiguous() and input[0, 0].numel() > 1:
+    if input.device.type == "cpu" and input.dim() > 2 and input.is_contiguous() and input[0, 0].numel() > 1:
         per_sample = input.view(input.shape[0], channels, -1)
         shift = per_sample[0].mean(1, dtype=stats_dtype)
         shifted = torch.sub(per_sample, shift.view(1, channels, 1))

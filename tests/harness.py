@@ -80,13 +80,16 @@ def run_ranks(
     pg_timeout: float = 30.0,
     expect_errors: bool = False,
     threads: int = 1,
+    start_method: str = "fork",
 ) -> list[Any]:
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; return each rank's result.
 
     With ``expect_errors=False`` any rank's exception fails the test with that
     rank's traceback; with ``True`` the exception comes back as a :class:`RankError`.
+    Use ``start_method="spawn"`` for CUDA (a forked child cannot use a parent's CUDA);
+    ``fn`` must then be importable and ``args`` picklable.
     """
-    context = mp.get_context("fork")
+    context = mp.get_context(start_method)
     with tempfile.TemporaryDirectory(prefix="syncnorm-ranks-") as folder:
         procs = [
             context.Process(target=_worker, args=(fn, rank, world_size, args, folder, pg_timeout, threads), daemon=True)
