@@ -39,9 +39,10 @@ def _time(fn, reps: int = 30) -> float:
     return statistics.median(times)
 
 
-def _layers(channels: int) -> dict[str, nn.Module]:
+def _layers(channels: int, ndim: int) -> dict[str, nn.Module]:
+    plain = nn.BatchNorm2d if ndim == 4 else nn.BatchNorm1d
     return {
-        "nn.BatchNorm": nn.BatchNorm2d(channels).cuda(),
+        "nn.BatchNorm": plain(channels).cuda(),
         "syncnorm": syncnorm.SyncBatchNorm(channels).cuda(),
         "torch.nn.SyncBatchNorm": nn.SyncBatchNorm(channels).cuda(),
     }
@@ -63,7 +64,7 @@ def main() -> None:
         nbytes = x.numel() * x.element_size()
         copy_ms = _time(lambda: x.clone())
         row = {"shape": list(shape), "copy_ms": copy_ms}
-        for name, layer in _layers(shape[1]).items():
+        for name, layer in _layers(shape[1], len(shape)).items():
             xg = x.detach().requires_grad_()
             try:
                 fwd_ms = _time(lambda: layer(xg))

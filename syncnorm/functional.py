@@ -183,6 +183,13 @@ def _backward_op(
     if input.numel() == 0:
         sum_dy_xhat = mean.new_zeros(channels)
         sum_dy = mean.new_zeros(channels)
+    elif input.is_cuda:
+        # torch's fused CUDA reduction of sum(dy) and sum(dy * (x - mean)).
+        invstd = torch.rsqrt(var + eps)
+        sum_dy, sum_dy_xmu, _, _ = torch.batch_norm_backward_reduce(
+            grad_output, input, mean, invstd, weight, True, False, False
+        )
+        sum_dy_xhat = sum_dy_xmu * invstd
     else:
         # Eval-mode backward with (mean, var) as "running" statistics returns exactly
         # sum(dy * x_hat) and sum(dy), in one fused pass.
