@@ -22,7 +22,15 @@ from torch.testing._internal.distributed.fake_pg import FakeStore
 
 import syncnorm
 
-SHAPES = [(32, 64, 112, 112), (32, 256, 56, 56), (32, 512, 28, 28), (32, 1024, 14, 14), (32, 2048, 7, 7), (8, 256, 56, 56), (256, 512)]
+SHAPES = [
+    (32, 64, 112, 112),
+    (32, 256, 56, 56),
+    (32, 512, 28, 28),
+    (32, 1024, 14, 14),
+    (32, 2048, 7, 7),
+    (8, 256, 56, 56),
+    (256, 512),
+]
 
 
 def _time(fn, reps: int = 30) -> float:
@@ -87,7 +95,11 @@ def main() -> None:
         json.dump({"device": torch.cuda.get_device_name(), "rows": rows}, handle, indent=1)
     names = ["nn.BatchNorm", "syncnorm", "torch.nn.SyncBatchNorm"]
     print(f"device: {torch.cuda.get_device_name()}  dtype: {args.dtype}  (fake group, W=2: no network)")
-    print("| shape | " + " | ".join(f"{n} fwd+bwd ms" for n in names) + " | syncnorm / BN | syncnorm fwd BW % | syncnorm bwd BW % |")
+    print(
+        "| shape | "
+        + " | ".join(f"{n} fwd+bwd ms" for n in names)
+        + " | syncnorm / BN | syncnorm fwd BW % | syncnorm bwd BW % |"
+    )
     print("|---" * (len(names) + 4) + "|")
     for row in rows:
         cells = []
@@ -95,7 +107,11 @@ def main() -> None:
             r = row.get(n)
             cells.append(f"{r['fwd_ms'] + r['bwd_ms']:.3f}" if isinstance(r, dict) else str(r))
         ours, base = row.get("syncnorm"), row.get("nn.BatchNorm")
-        ratio = (ours["fwd_ms"] + ours["bwd_ms"]) / (base["fwd_ms"] + base["bwd_ms"]) if isinstance(ours, dict) and isinstance(base, dict) else float("nan")
+        ratio = (
+            (ours["fwd_ms"] + ours["bwd_ms"]) / (base["fwd_ms"] + base["bwd_ms"])
+            if isinstance(ours, dict) and isinstance(base, dict)
+            else float("nan")
+        )
         fbw = 100 * ours["fwd_bw_vs_copy"] if isinstance(ours, dict) else float("nan")
         bbw = 100 * ours["bwd_bw_vs_copy"] if isinstance(ours, dict) else float("nan")
         print(f"| {tuple(row['shape'])} | " + " | ".join(cells) + f" | {ratio:.2f} | {fbw:.0f} | {bbw:.0f} |")

@@ -102,8 +102,7 @@ def new_sync_groups(group_size: int) -> dist.ProcessGroup:
     world = dist.get_world_size()
     if group_size < 1 or world % group_size != 0:
         raise ValueError(
-            f"syncnorm.new_sync_groups: group_size={group_size} must be >= 1 and divide the "
-            f"world size {world}"
+            f"syncnorm.new_sync_groups: group_size={group_size} must be >= 1 and divide the world size {world}"
         )
     rank = dist.get_rank()
     mine = None

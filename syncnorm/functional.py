@@ -308,13 +308,17 @@ def sync_batch_norm(
     global statistics, identically on every rank. In eval mode, without
     torch.distributed, or in a group of one rank, this is exactly ``F.batch_norm``.
     """
-    num_features = running_mean.numel() if running_mean is not None else (weight.numel() if weight is not None else None)
+    num_features = (
+        running_mean.numel() if running_mean is not None else (weight.numel() if weight is not None else None)
+    )
     validate_input(input, num_features, layer)
     group = collectives.resolve_group(process_group)
     if not training or group is None or group.size() == 1:
         if training and input.numel() // input.shape[1] <= 1:
             # F.batch_norm's own message; raised here so the text names the layer.
-            raise ValueError(f"syncnorm: layer '{layer}' needs more than 1 value per channel when training, got input of shape {tuple(input.shape)}")
+            raise ValueError(
+                f"syncnorm: layer '{layer}' needs more than 1 value per channel when training, got input of shape {tuple(input.shape)}"
+            )
         if not training and check_requested(check) and group is not None and group.size() > 1:
             verify_eval_consistency(input, group, layer)
         return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)

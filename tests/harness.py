@@ -22,9 +22,10 @@ import pickle
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -116,7 +117,9 @@ def run_ranks(
     if hung:
         raise RanksHung(f"ranks {hung} did not finish within {timeout}s; results: {results}")
     if not expect_errors:
-        failures = [f"rank {rank} failed:\n{r.traceback or r}" for rank, r in enumerate(results) if isinstance(r, RankError)]
+        failures = [
+            f"rank {rank} failed:\n{r.traceback or r}" for rank, r in enumerate(results) if isinstance(r, RankError)
+        ]
         if failures:
             raise AssertionError("\n".join(failures))
     return results

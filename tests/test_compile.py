@@ -60,7 +60,9 @@ def _compiled_equals_eager(rank, world, inputs):
 
 def test_fullgraph_compile_matches_eager_on_two_ranks():
     gen = torch.Generator().manual_seed(0)
-    inputs = [[torch.randn(2 + rank, 3, 6, 6, generator=gen, dtype=torch.float64) for _ in range(2)] for rank in range(2)]
+    inputs = [
+        [torch.randn(2 + rank, 3, 6, 6, generator=gen, dtype=torch.float64) for _ in range(2)] for rank in range(2)
+    ]
     for breaks, graphs, steps, buffers, grads, (eval_eager, eval_compiled), eval_calls in run_ranks(
         _compiled_equals_eager, 2, inputs, timeout=280
     ):
@@ -87,7 +89,14 @@ def _ddp_compiled_vs_eager(rank, world, x):
     for model in (eager, compiled):
         out = model(x[rank])
         out.square().sum().backward()
-        outs.append((out.detach(), [p.grad for p in compiled_ddp.parameters()] if model is compiled else [p.grad for p in eager.parameters()]))
+        outs.append(
+            (
+                out.detach(),
+                [p.grad for p in compiled_ddp.parameters()]
+                if model is compiled
+                else [p.grad for p in eager.parameters()],
+            )
+        )
     buffers = [(a, b) for a, b in zip(eager.buffers(), compiled_ddp.buffers())]
     return reasons, outs, buffers
 

@@ -227,7 +227,7 @@ def _eval_without_collectives(rank, world, x):
 
 def test_eval_mode_never_communicates():
     x = torch.randn(4, 3, 5)
-    for rank, (calls, out, running_mean, local_out) in enumerate(run_ranks(_eval_without_collectives, 2, x)):
+    for calls, out, running_mean, local_out in run_ranks(_eval_without_collectives, 2, x):
         assert calls == 0
         want = torch.nn.functional.batch_norm(x, running_mean, torch.ones(3), torch.ones(3), torch.zeros(3), False)
         torch.testing.assert_close(out, want)
@@ -261,7 +261,9 @@ def test_half_precision_inputs_keep_float32_statistics(dtype, use_autocast):
     xr = x.to(dtype).double().requires_grad_()
     out_ref = ref(xr)
     out_ref.sum().backward()
-    for rank, (out, grad, mean, var, param_dtype) in enumerate(run_ranks(_low_precision, 2, x, sizes, dtype, use_autocast)):
+    for rank, (out, grad, mean, var, param_dtype) in enumerate(
+        run_ranks(_low_precision, 2, x, sizes, dtype, use_autocast)
+    ):
         assert out.dtype == dtype and grad.dtype == dtype
         assert mean.dtype == torch.float32 and param_dtype == torch.float32
         torch.testing.assert_close(out.double(), shard(out_ref.detach(), rank, sizes), rtol=0.02, atol=0.03)
@@ -277,7 +279,9 @@ def _channels_last(rank, world, x, sizes, memory_format):
     return out.detach(), out.is_contiguous(memory_format=memory_format), local.grad
 
 
-@pytest.mark.parametrize("memory_format,shape", [(torch.channels_last, (6, 5, 4, 3)), (torch.channels_last_3d, (6, 5, 2, 3, 2))])
+@pytest.mark.parametrize(
+    "memory_format,shape", [(torch.channels_last, (6, 5, 4, 3)), (torch.channels_last_3d, (6, 5, 2, 3, 2))]
+)
 def test_channels_last_in_channels_last_out(memory_format, shape):
     sizes = [2, 4]
     x = torch.randn(*shape, dtype=torch.float64)
@@ -324,7 +328,11 @@ def test_group_of_one_rank_is_exactly_batchnorm():
 
 @pytest.mark.parametrize(
     "shape,match",
-    [((4,), "2-D tensor|1-D tensor"), ((4, 5, 3), "built for 3 channels but got input with 5"), ((4, 0, 3), "zero channels")],
+    [
+        ((4,), "2-D tensor|1-D tensor"),
+        ((4, 5, 3), "built for 3 channels but got input with 5"),
+        ((4, 0, 3), "zero channels"),
+    ],
 )
 def test_bad_input_is_a_clear_value_error(shape, match):
     layer = syncnorm.SyncBatchNorm(3)
@@ -384,7 +392,10 @@ def test_gradcheck_across_ranks():
     gen = torch.Generator().manual_seed(7)
     world = 2
     # Parameters are replicated (as DDP and FSDP keep them); the data differ per rank.
-    weight, bias = torch.rand(2, generator=gen, dtype=torch.float64) + 0.5, torch.randn(2, generator=gen, dtype=torch.float64)
+    weight, bias = (
+        torch.rand(2, generator=gen, dtype=torch.float64) + 0.5,
+        torch.randn(2, generator=gen, dtype=torch.float64),
+    )
     inputs = [(torch.randn(3, 2, 2, generator=gen, dtype=torch.float64) * (r + 1), weight, bias) for r in range(world)]
     probes = [torch.randn(3, 2, 2, generator=gen, dtype=torch.float64) for _ in range(world)]
     for checking_rank in range(world):

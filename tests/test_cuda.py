@@ -29,7 +29,9 @@ pytestmark = [
 
 def _cuda_steps(rank, world, batches, sizes, dtype):
     torch.cuda.set_device(0)
-    layer = syncnorm.SyncBatchNorm(batches[0].shape[1], device="cuda", dtype=torch.float64 if dtype == torch.float64 else None)
+    layer = syncnorm.SyncBatchNorm(
+        batches[0].shape[1], device="cuda", dtype=torch.float64 if dtype == torch.float64 else None
+    )
     outs = []
     for x in batches:
         local = shard(x, rank, sizes).to("cuda", dtype).contiguous(memory_format=torch.channels_last).requires_grad_()
@@ -99,5 +101,7 @@ _FAKE_GROUP_SCRIPT = textwrap.dedent(
 
 def test_no_host_sync_cuda_graph_and_compile_on_the_synchronised_path():
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]))
-    done = subprocess.run([sys.executable, "-c", _FAKE_GROUP_SCRIPT], capture_output=True, text=True, timeout=600, env=env)
+    done = subprocess.run(
+        [sys.executable, "-c", _FAKE_GROUP_SCRIPT], capture_output=True, text=True, timeout=600, env=env
+    )
     assert "FAKE-GROUP-CHECKS-OK" in done.stdout, done.stdout + done.stderr
