@@ -17,10 +17,16 @@ from .collectives import (
 from .convert import convert_sync_batchnorm, revert_sync_batchnorm
 from .guard import SyncNormNonFiniteError
 from .modules import SyncBatchNorm
+from .variants import LayerNorm2d, SyncInstanceNorm1d, SyncInstanceNorm2d, SyncInstanceNorm3d, get_norm
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "LayerNorm2d",
+    "SyncInstanceNorm1d",
+    "SyncInstanceNorm2d",
+    "SyncInstanceNorm3d",
+    "get_norm",
     "SyncBatchNorm",
     "SyncNormCollectiveError",
     "SyncNormMismatchError",

@@ -225,7 +225,8 @@ def _backward_op(
     c2 = invstd if weight is None else weight * invstd
     c1 = -c2 * invstd * mean_dy_xhat
     c0 = -c2 * mean_dy - c1 * mean
-    grad_input = F.batch_norm(input, torch.zeros_like(mean), torch.ones_like(var), c1, c0, False, 0.0, 0.0)
+    # aten's batch_norm: F.batch_norm rejects eps=0 in eval mode on some torch versions.
+    grad_input = torch.batch_norm(input, c1, c0, torch.zeros_like(mean), torch.ones_like(var), False, 0.0, 0.0, False)
     grad_input.addcmul_(grad_output, _channel_view(c2, input.dim()))
     return grad_input, sum_dy_xhat, sum_dy
 

@@ -119,7 +119,8 @@ def verify_consistency(
     # [f, -f, 0]: the trailing 0 makes the count odd (see the module docstring).
     pair = torch.tensor(fingerprint + [-v for v in fingerprint] + [0], dtype=torch.int32, device=device)
     all_reduce(pair, group, layer=layer, what="consistency-guard", op=dist.ReduceOp.MAX)
-    if bool(torch.equal(pair[:_FIELDS], -pair[_FIELDS : 2 * _FIELDS])):
+    reduced = pair.tolist()  # one host read (a sync on CUDA); cheaper than comparing on the device
+    if reduced[:_FIELDS] == [-v for v in reduced[_FIELDS : 2 * _FIELDS]]:
         return
     name = list(layer.encode()[:_NAME_BYTES])
     row = torch.tensor(fingerprint + name + [0] * (_NAME_BYTES - len(name)), dtype=torch.int32, device=device)
@@ -155,7 +156,10 @@ def verify_finite(
     bad_channels = sorted({(int(i) - 1) % channels for i in (~finite).nonzero().flatten().tolist() if i > 0})
     shown = ", ".join(map(str, bad_channels[:8])) + (", ..." if len(bad_channels) > 8 else "")
     if culprits:
-        source = f"ranks {culprits} brought non-finite local statistics (NaN/Inf in their input)"
+        source = (
+            f"ranks {culprits} brought non-finite local statistics "
+            "(NaN/Inf in their batch, or values whose squares overflow)"
+        )
     else:
         source = "every rank's local statistics were finite: their sum over ranks overflowed"
     raise SyncNormNonFiniteError(

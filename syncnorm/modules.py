@@ -64,6 +64,8 @@ class SyncBatchNorm(_BatchNorm):
         *,
         bias: bool = True,
     ) -> None:
+        if not bias and not _BATCHNORM_HAS_BIAS_FLAG:
+            raise TypeError("syncnorm.SyncBatchNorm(bias=False) needs torch >= 2.13 (its BatchNorm has no bias flag)")
         extra = {"bias": bias} if _BATCHNORM_HAS_BIAS_FLAG else {}
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype, **extra)
         self.process_group = process_group

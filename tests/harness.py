@@ -81,16 +81,21 @@ def run_ranks(
     pg_timeout: float = 30.0,
     expect_errors: bool = False,
     threads: int = 1,
-    start_method: str = "fork",
+    start_method: str = "",
 ) -> list[Any]:
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; return each rank's result.
 
     With ``expect_errors=False`` any rank's exception fails the test with that
     rank's traceback; with ``True`` the exception comes back as a :class:`RankError`.
-    Use ``start_method="spawn"`` for CUDA (a forked child cannot use a parent's CUDA);
+    Without CUDA ranks are forked (fast); with CUDA they start from a forkserver, so
     ``fn`` must then be importable and ``args`` picklable.
     """
+    # fork is fastest, but a CUDA build of torch refuses autograd in a child forked after the
+    # parent ran a backward; forkserver (with torch preloaded) avoids that there.
+    start_method = start_method or ("forkserver" if torch.cuda.is_available() else "fork")
     context = mp.get_context(start_method)
+    if start_method == "forkserver":
+        context.set_forkserver_preload(["torch", "torch.distributed", "syncnorm", "harness"])
     with tempfile.TemporaryDirectory(prefix="syncnorm-ranks-") as folder:
         procs = [
             context.Process(target=_worker, args=(fn, rank, world_size, args, folder, pg_timeout, threads), daemon=True)
