@@ -53,11 +53,11 @@ def resolve_group(process_group: SyncGroup) -> Optional[dist.ProcessGroup]:
     if _is_device_mesh(process_group):
         if process_group.ndim != 1:
             names = getattr(process_group, "mesh_dim_names", None)
-            hint = f'mesh["{names[0]}"]' if names else "a 1-D slice of it"
+            hint = 'mesh["<name>"], the data-parallel one of ' + str(list(names)) if names else "a 1-D slice of it"
             raise ValueError(
                 f"syncnorm: got a {process_group.ndim}-D DeviceMesh as process_group; "
                 f"BatchNorm statistics are synchronised over one mesh dimension only. "
-                f"Pass the data-parallel dimension, e.g. {hint} (mesh_dim_names={names})."
+                f"Pass the data-parallel dimension: {hint}."
             )
         return process_group.get_group()
     if not (dist.is_available() and dist.is_initialized()):

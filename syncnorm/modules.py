@@ -21,6 +21,10 @@ _layer_counter = itertools.count()
 _BATCHNORM_HAS_BIAS_FLAG = "bias" in inspect.signature(_BatchNorm.__init__).parameters
 
 
+def _recomputing_in_backward() -> bool:
+    return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
+
+
 class SyncBatchNorm(_BatchNorm):
     r"""BatchNorm whose training statistics cover the global mini-batch of all ranks.
 
@@ -89,6 +93,11 @@ class SyncBatchNorm(_BatchNorm):
             return F.batch_norm(
                 input, self.running_mean, self.running_var, self.weight, self.bias, not tracking, 0.0, self.eps
             )
+        if tracking and _recomputing_in_backward():
+            # Activation checkpointing re-runs this forward inside backward: batch statistics
+            # again (the output must be the same), but the running statistics were already
+            # updated by the original forward.
+            tracking = False
         if tracking:
             self.num_batches_tracked.add_(1)
             if self.momentum is None:  # cumulative moving average, kept on the device

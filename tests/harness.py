@@ -28,6 +28,7 @@ from datetime import timedelta
 from typing import Any
 
 import torch
+import torch._dynamo  # noqa: F401  (DDP and FSDP import it lazily: ~7 s in every forked rank otherwise)
 import torch.distributed as dist
 
 
