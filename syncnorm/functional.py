@@ -64,6 +64,9 @@ def validate_input(input: Tensor, num_features: Optional[int], layer: str) -> No
         )
 
 
+_STATS_BLOCK_BYTES = 256 << 10
+
+
 def batch_norm_stats(input: Tensor) -> tuple[Tensor, Tensor]:
     """Per-channel mean and biased variance of an (N, C, *) tensor, in float64.
 
@@ -83,14 +86,19 @@ def batch_norm_stats(input: Tensor) -> tuple[Tensor, Tensor]:
     stats_dtype = _stats_dtype(input.dtype)
     if input.device.type == "cpu" and input.dim() > 2 and input.is_contiguous() and input[0, 0].numel() > 1:
         per_sample = input.view(input.shape[0], channels, -1)
-        shift = per_sample[0].mean(1, dtype=stats_dtype)
-        shifted = torch.sub(per_sample, shift.view(1, channels, 1))
+        shift = per_sample[0].mean(1, dtype=stats_dtype).view(1, channels, 1)
+        # A few samples at a time, so the shifted temporary stays in cache (and small).
+        block = max(1, _STATS_BLOCK_BYTES // (per_sample[0].numel() * per_sample.element_size()))
+        sum_shifted = torch.zeros(channels, dtype=torch.float64)
+        sum_sq_shifted = torch.zeros(channels, dtype=torch.float64)
+        for start in range(0, per_sample.shape[0], block):
+            shifted = torch.sub(per_sample[start : start + block], shift)
+            sum_shifted += shifted.sum((0, 2))
+            sum_sq_shifted += shifted.square_().sum((0, 2))
         count = per_sample.shape[0] * per_sample.shape[2]
-        sum_shifted = shifted.sum((0, 2)).to(torch.float64)
-        sum_sq_shifted = shifted.square_().sum((0, 2)).to(torch.float64)
         mean_shifted = sum_shifted / count
         var = (sum_sq_shifted / count - mean_shifted * mean_shifted).clamp_min_(0)
-        return shift.to(torch.float64) + mean_shifted, var
+        return shift.view(channels).to(torch.float64) + mean_shifted, var
     if input.dtype == stats_dtype:
         mean, var = torch.batch_norm_update_stats(input, None, None, 0.0)
     else:
@@ -131,7 +139,7 @@ def _forward_op(
     torch.mul(torch.addcmul(local_var, local_mean, local_mean), local_count, out=sums[channels + 1 :])
     local_sums = sums.clone() if check else None
     collectives.all_reduce(sums, group, layer=layer, what="forward statistics")
-    count = sums[0]
+    count = sums[0].clone()  # its own storage: saving a view for backward would keep all of `sums`
     if local_count <= 1 and float(count) <= 1:
         # Only ranks holding <= 1 value read the count back (a host sync on CUDA); the
         # global count can be <= 1 only if every rank holds <= 1, so all of them raise.
@@ -219,14 +227,12 @@ def _backward_op(
             sum_dy_xhat,
             sum_dy,
         )  # fmt: skip
-    # dx = c2 * dy + c1 * x + c0, per channel; native kernels do both passes.
-    mean_dy = sums[:channels] / count
-    mean_dy_xhat = sums[channels:] / count
+    # dx = c2 * (dy - mean(dy) - x_hat * mean(dy * x_hat)) with c2 = weight * invstd, in two
+    # native passes: x_hat * (-c2 mean(dy x_hat)) - c2 mean(dy) is an eval-mode batch norm
+    # (x_hat formed exactly as in the forward), then + c2 * dy.
     c2 = invstd if weight is None else weight * invstd
-    c1 = -c2 * invstd * mean_dy_xhat
-    c0 = -c2 * mean_dy - c1 * mean
-    # aten's batch_norm: F.batch_norm rejects eps=0 in eval mode on some torch versions.
-    grad_input = torch.batch_norm(input, c1, c0, torch.zeros_like(mean), torch.ones_like(var), False, 0.0, 0.0, False)
+    coefficients = (sums.view(2, channels) / count).mul_(-c2)
+    grad_input = F.batch_norm(input, mean, var, coefficients[1], coefficients[0], False, 0.0, eps)
     grad_input.addcmul_(grad_output, _channel_view(c2, input.dim()))
     return grad_input, sum_dy_xhat, sum_dy
 
