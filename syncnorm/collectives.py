@@ -131,6 +131,7 @@ def all_reduce(
             f"{dist.get_rank()} (group of {dist.get_world_size(group)}): a peer may have died, "
             f"skipped this layer, or the process group's timeout expired. "
             f"Backend said: {type(err).__name__}: {err}"
+            + ("" if check_enabled() else " (run with SYNCNORM_CHECK=1 to have ranks that disagree named)")
         ) from err
     return tensor
 

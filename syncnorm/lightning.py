@@ -297,13 +297,13 @@ class SyncNormCallback(pl.Callback):
             group = collectives.resolve_group(layer.process_group)
             if group is not None and dist.get_world_size(group) > 1 and layer.running_mean is not None:
                 groups.setdefault(group.group_name, (group, []))[1].append(layer)
-        first = True
         for group, layers in groups.values():
-            drift, batch_size = self._check_group(group, layers, with_batch_sizes=first)
+            # The batch sizes ride along in the group of the first layer, the one the hook watches.
+            has_first = layers[0] is self._layers[0]
+            drift, batch_size = self._check_group(group, layers, with_batch_sizes=has_first)
             metrics["syncnorm/max_drift"] = max(metrics["syncnorm/max_drift"], drift)
-            if first and self._layers[0] in layers:
+            if has_first:
                 metrics["syncnorm/global_batch_size"] = batch_size
-            first = False
         return metrics
 
     def _check_group(
@@ -321,7 +321,8 @@ class SyncNormCallback(pl.Callback):
         n = checksums.numel()
         high, low = packed[:n], -packed[n : 2 * n]
         drift = (high - low) / torch.maximum(high.abs(), low.abs()).clamp_min(1.0)
-        max_drift = float(drift.max()) if n else 0.0
+        drift = torch.where(torch.isfinite(drift), drift, torch.inf)  # NaN/Inf statistics are reported too
+        max_drift = float(drift.max())
         if max_drift > self.tolerance:
             self._report_drift(group, layers, checksums, drift, label)
         return max_drift, float(packed[2 * n :].sum())
@@ -341,17 +342,26 @@ class SyncNormCallback(pl.Callback):
         for i in torch.nonzero(drift > self.tolerance).flatten().tolist():
             layer, buffer = layers[i // 2], ("running_mean", "running_var")[i % 2]
             column = rows[:, i]
+            non_finite = [ranks[r] for r in range(len(ranks)) if not torch.isfinite(column[r])]
+            if non_finite:
+                lines.append(f"  layer '{layer.layer_name}' {buffer}: NaN/Inf on ranks {non_finite}")
+                continue
             differing = [ranks[r] for r in range(len(ranks)) if column[r] != column[0]]
             lines.append(
                 f"  layer '{layer.layer_name}' {buffer}: ranks {differing} differ from rank {ranks[0]} "
-                f"(relative spread {float(drift[i]):.3g})"
+                f"(spread {float(drift[i]):.3g}, relative where the values exceed 1)"
             )
         message = (
-            f"syncnorm: running statistics drifted apart across the {len(ranks)} ranks {ranks}:\n"
+            f"syncnorm: running statistics differ across the {len(ranks)} ranks {ranks} of a group:\n"
             + "\n".join(lines)
             + "\nSynchronised layers update them identically on every rank, so something changed them on "
             "some ranks only: a layer run in local mode (not converted, or another process_group), a "
             "checkpoint or state_dict loaded on some ranks, or code that writes the buffers."
+            + (
+                " NaN/Inf means training diverged (check the loss, learning rate and inputs)."
+                if "NaN" in "".join(lines)
+                else ""
+            )
         )
         if self.on_drift == "raise":
             raise SyncNormMismatchError(message)

@@ -87,9 +87,9 @@ class SyncBatchNorm(_BatchNorm):
         if not self.training:
             # Eval never communicates (ranks may run different numbers of eval batches),
             # except for the opt-in consistency guard.
+            validate_input(input, self.num_features, self.layer_name)
             if check_requested(self.check) and self._synchronised():
                 verify_eval_consistency(input, collectives.resolve_group(self.process_group), self.layer_name)
-            validate_input(input, self.num_features, self.layer_name)
             return F.batch_norm(
                 input, self.running_mean, self.running_var, self.weight, self.bias, not tracking, 0.0, self.eps
             )

@@ -96,7 +96,7 @@ def run_ranks(
     start_method = start_method or ("forkserver" if torch.cuda.is_available() else "fork")
     context = mp.get_context(start_method)
     if start_method == "forkserver":
-        context.set_forkserver_preload(["torch", "torch.distributed", "syncnorm", "harness"])
+        context.set_forkserver_preload(["torch", "torch._dynamo", "torch.distributed", "syncnorm", "harness"])
     with tempfile.TemporaryDirectory(prefix="syncnorm-ranks-") as folder:
         procs = [
             context.Process(target=_worker, args=(fn, rank, world_size, args, folder, pg_timeout, threads), daemon=True)
