@@ -1,0 +1,415 @@
+"""Train DigitsNet on the scikit-learn digits with syncnorm.SyncBatchNorm under torchrun (or plain python).
+
+    launch/torchrun_local.sh 2 examples/train_digits.py --epochs 3 --out runs/digits
+
+Each rank takes its DistributedSampler share of the training split, DDP averages the gradients and
+``--norm sync`` normalises every BatchNorm over the global batch. What this script adds to a plain loop:
+
+* fault tolerance: rank 0 writes checkpoints atomically (temp file + ``os.replace``) every
+  ``--ckpt-every`` steps and at each epoch end; a (re)started run resumes from the newest checkpoint
+  that loads, skipping corrupt ones with a warning, and skips the batches of the current epoch that
+  were already done. Runs are deterministic, so a resumed run ends with bitwise the same weights and
+  BatchNorm buffers as an uninterrupted one (given the same world size);
+* at the end, rank 0 writes ``metrics.json``, ``metrics.png`` and ``final_model.pt`` to ``--out``.
+
+Environment: ``SYNCNORM_BACKEND`` (gloo|nccl) overrides the backend (default: nccl on CUDA, gloo
+on CPU). ``SYNCNORM_EXAMPLE_CRASH_AT_STEP=k`` makes rank ``SYNCNORM_EXAMPLE_CRASH_RANK`` (default:
+the last rank) kill itself with SIGKILL after step k, once per output folder (a marker file
+records it), so tests can exercise a real worker failure under torchrun. With bare torchrun and
+--max-restarts, export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 as launch/*.sh do: otherwise a restarted
+group can connect with the previous attempt's addresses and fail (pytorch/pytorch#135712).
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import os
+import random
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DistributedSampler, TensorDataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # examples/common.py
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # syncnorm from a source checkout
+
+from common import NORM_CHOICES, DigitsNet, load_digits  # noqa: E402
+
+import syncnorm  # noqa: E402
+
+CKPT_PREFIX, CKPT_SUFFIX = "ckpt-", ".pt"
+CKPT_FORMAT = 1
+CRASH_MARKER = ".crash-injected"
+# Settings that must match for a checkpoint to be resumable: they fix the data order and the math.
+RESUME_KEYS = ("norm", "batch_size", "world_size", "seed", "lr", "momentum", "limit_batches")
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--norm", choices=NORM_CHOICES, default="sync", help="sync: syncnorm.SyncBatchNorm")
+    parser.add_argument("--batch-size", type=int, default=16, help="per-rank batch size")
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--momentum", type=float, default=0.9)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=Path("runs/digits"), help="output and checkpoint folder")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--ckpt-every", type=int, default=0, help="also checkpoint every N steps (0: epoch ends only)")
+    parser.add_argument("--limit-batches", type=int, default=0, help="only the first N batches per epoch")
+    parser.add_argument("--keep-ckpts", type=int, default=3, help="how many checkpoints to keep")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--compare", action="store_true", help="run examples/compare_digits.py (see its --help)")
+    args = parser.parse_args(argv)
+    if args.batch_size < 1 or args.keep_ckpts < 1 or min(args.epochs, args.ckpt_every, args.limit_batches) < 0:
+        parser.error("--batch-size and --keep-ckpts must be >= 1; --epochs, --ckpt-every, --limit-batches >= 0")
+    return args
+
+
+def setup_distributed(device_choice: str) -> tuple[int, int, torch.device]:
+    """Join the torchrun group (if launched by torchrun) and pick this rank's device."""
+    use_cuda = device_choice == "cuda" or (device_choice == "auto" and torch.cuda.is_available())
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS
+    else:
+        torch.set_num_threads(1)  # a fixed reduction order, and no oversubscription of shared cores
+    if "RANK" not in os.environ:  # plain `python train_digits.py`: one process, no group
+        return 0, 1, device
+    backend = os.environ.get("SYNCNORM_BACKEND") or ("nccl" if use_cuda else "gloo")
+    dist.init_process_group(backend, device_id=device if use_cuda else None)
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def build_model(norm: str, device: torch.device, seed: int, distributed: bool) -> tuple[nn.Module, nn.Module]:
+    """Return ``(model, trainable)``: the bare net (for state_dict and eval) and what the loop calls."""
+    torch.manual_seed(seed)
+    model = DigitsNet(norm=norm).to(device)
+    if norm == "sync":
+        model = syncnorm.convert_sync_batchnorm(model)
+    if not distributed:
+        return model, model
+    # SyncBatchNorm keeps identical buffers on every rank, so re-broadcasting them each step is a
+    # wasted collective; local BatchNorm takes rank 0's before every forward (DDP's default).
+    sync_buffers = norm == "local"
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters:  # torch >= 2.13
+        trainable = DistributedDataParallel(model, forward_sync_buffers=sync_buffers)
+    else:
+        trainable = DistributedDataParallel(model, broadcast_buffers=sync_buffers)
+    return model, trainable
+
+
+def epoch_batches(sampler: DistributedSampler, epoch: int, batch_size: int) -> list[list[int]]:
+    """This rank's batches of ``epoch``: a pure function of (seed, epoch, rank), so a restart redraws them."""
+    sampler.set_epoch(epoch)
+    indices = list(sampler)
+    return [indices[i : i + batch_size] for i in range(0, len(indices) - batch_size + 1, batch_size)]
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def checkpoint_files(out: Path) -> list[Path]:
+    """Checkpoints in ``out``, newest (highest step) first."""
+    found = []
+    for path in out.glob(f"{CKPT_PREFIX}*{CKPT_SUFFIX}"):
+        step = path.name[len(CKPT_PREFIX) : -len(CKPT_SUFFIX)]
+        if step.isdigit():
+            found.append((int(step), path))
+    return [path for _, path in sorted(found, reverse=True)]
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """Write ``obj`` (torch.save, or a str as text) so that ``path`` is absent, old or complete, never partial."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        if isinstance(obj, str):
+            f.write(obj.encode())
+        else:
+            torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_newest_checkpoint(out: Path) -> Optional[dict]:
+    """The newest checkpoint in ``out`` that loads and is complete; corrupt ones are skipped with a warning."""
+    for path in checkpoint_files(out):
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            if not isinstance(state, dict) or state.get("format") != CKPT_FORMAT:
+                raise ValueError("not a train_digits checkpoint")
+            missing = {"config", "epoch", "batches_done", "step", "model", "optimizer"} - state.keys()
+            if missing:
+                raise ValueError(f"missing {sorted(missing)}")
+        except Exception as exc:  # a truncated zip, a foreign file: any of them means "not usable"
+            print(f"WARNING: skipping unreadable checkpoint {path}: {type(exc).__name__}: {exc}", file=sys.stderr)
+            continue
+        state["path"] = str(path)
+        return state
+    return None
+
+
+def save_checkpoint(out: Path, keep: int, state: dict) -> None:
+    atomic_save(state, out / f"{CKPT_PREFIX}{state['step']:08d}{CKPT_SUFFIX}")
+    for old in checkpoint_files(out)[keep:]:
+        old.unlink(missing_ok=True)
+
+
+def broadcast_state(state: Optional[dict], distributed: bool) -> Optional[dict]:
+    """Rank 0 reads the checkpoint; everybody gets the same one (no shared filesystem needed)."""
+    if not distributed:
+        return state
+    box = [state]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def log_event(out: Path, **event: Any) -> None:
+    with open(out / "events.jsonl", "a") as f:
+        f.write(json.dumps({"time": time.time(), **event}) + "\n")
+
+
+def process_started_at() -> Optional[float]:
+    """When this process was created (Linux /proc; None elsewhere): splits a restart's cost into parts."""
+    try:
+        uptime = float(open("/proc/uptime").read().split()[0])  # seconds since boot, 10 ms resolution
+        ticks = int(open("/proc/self/stat").read().rsplit(")", 1)[1].split()[19])  # field 22: start time
+        return time.time() - (uptime - ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def maybe_crash(out: Path, step: int, rank: int, world_size: int) -> None:
+    """Test hook: SIGKILL this worker once at the configured step (see the module docstring)."""
+    crash_at = os.environ.get("SYNCNORM_EXAMPLE_CRASH_AT_STEP")
+    if not crash_at or int(crash_at) != step:
+        return
+    if rank != int(os.environ.get("SYNCNORM_EXAMPLE_CRASH_RANK", world_size - 1)):
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(out / CRASH_MARKER, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return  # already crashed once: the restarted run goes on
+    os.write(fd, json.dumps({"time": time.time(), "step": step, "rank": rank}).encode())
+    os.close(fd)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+# ---------------------------------------------------------------- training
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: TensorDataset, device: torch.device) -> tuple[float, float]:
+    """Held-out (loss, accuracy) in eval mode: running statistics, no communication.
+
+    Every rank evaluates (cheap here), so the opt-in SYNCNORM_CHECK eval-mode guard, which is a
+    collective, sees all ranks; only rank 0's numbers are reported.
+    """
+    model.eval()
+    images, labels = (t.to(device) for t in data.tensors)
+    logits = model(images)
+    model.train()
+    loss = F.cross_entropy(logits, labels).item()
+    return loss, (logits.argmax(1) == labels).float().mean().item()
+
+
+def write_report(out: Path, config: dict, history: list[dict]) -> None:
+    """metrics.json and metrics.png (loss and held-out accuracy per epoch)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    starts = []
+    if (out / "events.jsonl").exists():
+        starts = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines() if line.strip()]
+    final = history[-1] if history else {}
+    metrics = {"config": config, "history": history, "final": final, "events": starts}
+    atomic_save(json.dumps(metrics, indent=2), out / "metrics.json")
+    epochs = [h["epoch"] for h in history]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.5))
+    ax_loss.plot(epochs, [h["train_loss"] for h in history], "o-", label="train")
+    ax_loss.plot(epochs, [h["held_out_loss"] for h in history], "s--", label="held-out")
+    ax_loss.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
+    ax_loss.legend()
+    ax_acc.plot(epochs, [h["held_out_accuracy"] for h in history], "o-")
+    ax_acc.set(xlabel="epoch", ylabel="accuracy", title="held-out accuracy")
+    for ax in (ax_loss, ax_acc):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.suptitle(f"digits, norm={config['norm']}, {config['world_size']} x batch {config['batch_size']}")
+    fig.tight_layout()
+    fig.savefig(out / "metrics.png", dpi=100)
+    plt.close(fig)
+
+
+class EpochLoss:
+    """Mean training loss of an epoch over all ranks, summed across ranks only when it is needed.
+
+    ``pending`` is this rank's share since the last fold; ``folded`` (the same on every rank) is the
+    all-reduced total so far. Folding at checkpoints keeps the steps free of extra collectives and
+    lets a checkpoint carry the partial epoch's loss.
+    """
+
+    def __init__(self, device: torch.device, distributed: bool) -> None:
+        self.pending = torch.zeros(2, dtype=torch.float64, device=device)  # [sum of batch losses, batches]
+        self.folded = [0.0, 0.0]
+        self.distributed = distributed
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.pending[0] += loss.detach().double()
+        self.pending[1] += 1
+
+    def fold(self) -> list[float]:
+        if self.distributed:
+            dist.all_reduce(self.pending)
+        total, count = self.pending.tolist()
+        self.pending.zero_()
+        self.folded = [self.folded[0] + total, self.folded[1] + count]
+        return self.folded
+
+    def finish_epoch(self) -> float:
+        total, count = self.fold()
+        self.folded = [0.0, 0.0]
+        return total / max(count, 1.0)
+
+
+def train(args: argparse.Namespace) -> None:
+    rank, world_size, device = setup_distributed(args.device)
+    distributed = dist.is_initialized()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    random.seed(args.seed)
+    out: Path = args.out
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        for stale in out.glob(".*.tmp"):  # left by a writer that was killed mid-write
+            stale.unlink(missing_ok=True)
+    config = {k: getattr(args, k) for k in ("norm", "batch_size", "seed", "lr", "momentum", "limit_batches")}
+    config["world_size"] = world_size
+
+    train_set, held_out = load_digits(seed=args.seed)
+    model, trainable = build_model(args.norm, device, args.seed, distributed)
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum)
+    sampler = DistributedSampler(train_set, world_size, rank, shuffle=True, seed=args.seed, drop_last=True)
+    images, labels = (t.to(device) for t in train_set.tensors)
+    epoch_loss = EpochLoss(device, distributed)
+
+    state = broadcast_state(load_newest_checkpoint(out) if rank == 0 else None, distributed)
+    epoch, batches_done, step, history = 0, 0, 0, []
+    if state is not None:
+        mismatch = {k: (state["config"][k], config[k]) for k in RESUME_KEYS if state["config"][k] != config[k]}
+        if mismatch:
+            raise SystemExit(f"{out} holds checkpoints of another run (saved, now): {mismatch}; use a new --out")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        epoch, batches_done, step, history = state["epoch"], state["batches_done"], state["step"], state["history"]
+        epoch_loss.folded = list(state["loss_sum"])
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(state["rng"]["python"])
+    if rank == 0:
+        resumed = state["path"] if state else None
+        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+        log_event(out, event="start", resumed_from=resumed, step=step, restart=restart, launched=process_started_at())
+        if resumed:
+            print(f"resuming from {resumed}: epoch {epoch + 1}, {batches_done} batches done, step {step}", flush=True)
+
+    def checkpoint() -> None:
+        loss_so_far = epoch_loss.fold()  # collective: every rank gets here
+        if rank != 0:
+            return
+        state = {
+            "format": CKPT_FORMAT,
+            "config": config,
+            "epoch": epoch,
+            "batches_done": batches_done,
+            "step": step,
+            "model": model.state_dict(),  # includes the BatchNorm running statistics
+            "optimizer": optimizer.state_dict(),
+            "loss_sum": loss_so_far,
+            "history": history,
+            "sampler": {"seed": args.seed, "epoch": epoch, "batches_done": batches_done},
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+        }
+        save_checkpoint(out, args.keep_ckpts, state)
+
+    from tqdm import tqdm
+
+    first_step_logged = False
+    while epoch < args.epochs:
+        started = time.perf_counter()
+        batches = epoch_batches(sampler, epoch, args.batch_size)
+        if args.limit_batches:
+            batches = batches[: args.limit_batches]
+        bar = tqdm(
+            total=len(batches),
+            initial=batches_done,
+            desc=f"epoch {epoch + 1}/{args.epochs}",
+            disable=rank != 0 or args.no_progress,
+            leave=False,
+            dynamic_ncols=True,
+        )
+        for batch in batches[batches_done:]:  # a resumed epoch skips the batches already done
+            index = torch.as_tensor(batch, device=device)
+            loss = F.cross_entropy(trainable(images[index]), labels[index])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            batches_done += 1
+            epoch_loss.add(loss)
+            bar.update(1)
+            if rank == 0 and not first_step_logged:
+                log_event(out, event="first_step", step=step)
+                first_step_logged = True
+            maybe_crash(out, step, rank, world_size)
+            if args.ckpt_every and step % args.ckpt_every == 0 and batches_done < len(batches):
+                checkpoint()
+        bar.close()
+        train_loss = epoch_loss.finish_epoch()
+        held_out_loss, accuracy = evaluate(model, held_out, device)
+        seconds = time.perf_counter() - started
+        record = {"epoch": epoch + 1, "train_loss": train_loss, "held_out_loss": held_out_loss}
+        history.append({**record, "held_out_accuracy": accuracy, "steps": step, "seconds": seconds})
+        if rank == 0:
+            print(
+                f"epoch {epoch + 1}/{args.epochs}  train loss {train_loss:.4f}  held-out loss {held_out_loss:.4f}"
+                f"  held-out acc {accuracy:.4f}  ({seconds:.1f} s)",
+                flush=True,
+            )
+        epoch, batches_done = epoch + 1, 0
+        checkpoint()
+
+    if rank == 0:
+        atomic_save(model.state_dict(), out / "final_model.pt")
+        write_report(out, config, history)
+        print(f"wrote {out / 'metrics.json'}, {out / 'metrics.png'} and {out / 'final_model.pt'}", flush=True)
+    if distributed:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--compare" in argv:  # compare_digits.py has its own flags (--nproc ...): hand over before parsing
+        from compare_digits import main as compare_main
+
+        compare_main(argv)
+        return
+    train(parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

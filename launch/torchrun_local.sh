@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Run a training script on this machine with NPROC processes under torchrun.
+#
+# Usage:  launch/torchrun_local.sh NPROC SCRIPT [ARGS...]
+#   e.g.  launch/torchrun_local.sh 2 examples/train_digits.py --epochs 3 --out runs/digits
+#
+# torchrun --standalone runs its own rendezvous on a free local port, so several runs can share
+# a machine. Environment knobs (all optional):
+#   MAX_RESTARTS      how often torchrun restarts the group after a worker fails (default 0 here;
+#                     train_digits.py resumes from its newest checkpoint on restart)
+#   OMP_NUM_THREADS   threads per process (default: CPU cores / NPROC, at least 1)
+#   SYNCNORM_BACKEND  gloo|nccl; default chosen by the training script (nccl on CUDA, gloo on CPU)
+#   PYTHON            interpreter that has torch installed (default: python3)
+set -euo pipefail
+
+usage() {
+    sed -n '2,5p' "$0" | sed 's/^# \{0,1\}//' >&2
+    exit 2
+}
+
+[[ $# -ge 2 ]] || usage
+nproc_per_node=$1
+shift
+[[ $nproc_per_node =~ ^[1-9][0-9]*$ ]] || { echo "NPROC must be a positive integer, got '$nproc_per_node'" >&2; usage; }
+[[ -f $1 ]] || { echo "no such training script: $1" >&2; usage; }
+
+cores=$(nproc 2>/dev/null || echo 1)
+threads=$((cores / nproc_per_node))
+((threads >= 1)) || threads=1
+# More threads than cores/NPROC oversubscribes the CPU and makes gloo collectives crawl.
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$threads}
+# With torchrun's default shared rendezvous store, workers of a restarted group can read the
+# previous attempt's addresses and fail to connect (pytorch/pytorch#135712, #167288): give every
+# attempt a fresh store so that --max-restarts actually recovers.
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
+
+exec "${PYTHON:-python3}" -m torch.distributed.run \
+    --standalone \
+    --nnodes 1 \
+    --nproc-per-node "$nproc_per_node" \
+    --max-restarts "${MAX_RESTARTS:-0}" \
+    "$@"

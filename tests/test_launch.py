@@ -1,0 +1,261 @@
+"""The launch scripts and examples/train_digits.py under real torchrun (subprocesses, gloo on CPU).
+
+References are independent of the multi-rank code path: a single process with plain nn.BatchNorm2d
+on the global batch, and an uninterrupted run for the fault and corrupt-checkpoint tests.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+LOCAL = REPO / "launch" / "torchrun_local.sh"
+MULTINODE = REPO / "launch" / "torchrun_multinode.sh"
+SLURM = REPO / "launch" / "slurm.sbatch"
+TRAIN = REPO / "examples" / "train_digits.py"
+COMMAND_TIMEOUT = 200  # seconds; generous because the CPU is shared with other test workers
+# A short deterministic job: 2 epochs of 8 batches, per-rank batch 4.
+SHORT_RUN = ["--epochs", "2", "--limit-batches", "8", "--batch-size", "4", "--no-progress"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def base_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SYNCNORM_", "TORCHELASTIC_"))}
+    env.update(PYTHON=sys.executable, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.update(extra)
+    return env
+
+
+def start(command: list, env: dict[str, str]) -> subprocess.Popen:
+    # Own session: on a timeout the whole torchrun tree (agent and workers) is killed, nothing leaks.
+    return subprocess.Popen(
+        [str(c) for c in command],
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def finish(proc: subprocess.Popen, timeout: float = COMMAND_TIMEOUT) -> tuple[str, str]:
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail(
+            f"timed out after {timeout} s: {proc.args}\n--- stdout\n{stdout[-3000:]}\n--- stderr\n{stderr[-5000:]}"
+        )
+    assert proc.returncode == 0, (
+        f"exit {proc.returncode}: {proc.args}\n--- stdout\n{stdout[-3000:]}\n--- stderr\n{stderr[-5000:]}"
+    )
+    return stdout, stderr
+
+
+def run(command: list, env: dict[str, str] | None = None) -> tuple[str, str]:
+    return finish(start(command, env or base_env()))
+
+
+def load_weights(out: Path) -> dict[str, torch.Tensor]:
+    return torch.load(out / "final_model.pt", weights_only=True)
+
+
+def assert_bitwise_equal(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    assert actual.keys() == expected.keys()
+    differing = {
+        k: (actual[k].double() - expected[k].double()).abs().max().item()
+        for k in expected
+        if not torch.equal(actual[k], expected[k])
+    }
+    assert not differing, f"final weights/buffers differ (max abs diff per tensor): {differing}"
+
+
+def events(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
+
+
+def assert_complete_run(out: Path, world_size: int, epochs: int) -> dict:
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["config"]["world_size"] == world_size
+    assert [h["epoch"] for h in metrics["history"]] == list(range(1, epochs + 1))
+    for record in metrics["history"]:
+        assert isinstance(record["held_out_accuracy"], float) and 0.0 <= record["held_out_accuracy"] <= 1.0
+        assert math.isfinite(record["train_loss"]) and record["train_loss"] > 0
+    assert (out / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    return metrics
+
+
+@pytest.mark.timeout(400)
+def test_local_two_processes_match_one_process_on_the_global_batch(tmp_path):
+    two, one = tmp_path / "two", tmp_path / "one"
+    distributed = start(
+        ["bash", LOCAL, 2, TRAIN, "--norm", "sync", "--out", two, "--ckpt-every", 3, *SHORT_RUN], base_env()
+    )
+    # Reference: one plain process (no torchrun, no process group), nn.BatchNorm2d on the 2 x 4 batch.
+    single = start([sys.executable, TRAIN, "--norm", "local", "--out", one, *SHORT_RUN, "--batch-size", 8], base_env())
+    stdout, _ = finish(distributed)
+    finish(single)
+    assert_complete_run(two, world_size=2, epochs=2)
+    assert "epoch 2/2" in stdout and "held-out acc" in stdout
+    assert sorted(p.name for p in two.glob("ckpt-*.pt"))[-1] == "ckpt-00000016.pt"  # the last epoch end
+    assert_complete_run(one, world_size=1, epochs=2)
+    synced, reference = load_weights(two), load_weights(one)
+    for name, expected in reference.items():
+        torch.testing.assert_close(synced[name], expected, rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.timeout(400)
+def test_two_agents_as_two_nodes_over_loopback(tmp_path):
+    out, port = tmp_path / "run", free_port()
+    common = dict(NNODES="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), NPROC_PER_NODE="1", RDZV_TIMEOUT="120")
+    # Node 0 takes its settings from the environment, node 1 from the options.
+    node0 = start(["bash", MULTINODE, TRAIN, "--out", out, *SHORT_RUN], base_env(**common, NODE_RANK="0"))
+    node1 = start(
+        ["bash", MULTINODE, "--nnodes", 2, "--node-rank", 1, "--master-addr", "127.0.0.1", "--master-port", port]
+        + ["--nproc-per-node", 1, "--rdzv-timeout", 120, TRAIN, "--out", out, *SHORT_RUN],
+        base_env(),
+    )
+    finish(node0)
+    finish(node1)
+    assert_complete_run(out, world_size=2, epochs=2)
+
+
+@pytest.mark.timeout(500)
+def test_kill_9_of_a_worker_restarts_and_resumes_to_identical_weights(tmp_path):
+    job = [TRAIN, "--ckpt-every", 4, *SHORT_RUN]
+    uninterrupted, faulted = tmp_path / "uninterrupted", tmp_path / "faulted"
+    reference = start(["bash", LOCAL, 2, *job, "--out", uninterrupted], base_env())
+    # Rank 1 SIGKILLs itself after step 14 (epoch 2, batch 6); the newest checkpoint is step 12
+    # (epoch 2, batch 4), so the restarted group must redo steps 13-14 from the right batches.
+    env = base_env(MAX_RESTARTS="1", SYNCNORM_EXAMPLE_CRASH_AT_STEP="14", SYNCNORM_EXAMPLE_CRASH_RANK="1")
+    _, stderr = finish(start(["bash", LOCAL, 2, *job, "--out", faulted], env))
+    finish(reference)
+
+    assert "exitcode: -9" in stderr or "Signals.SIGKILL" in stderr, stderr[-3000:]
+    crash = json.loads((faulted / ".crash-injected").read_text())
+    assert crash["rank"] == 1 and crash["step"] == 14
+    starts = [e for e in events(faulted) if e["event"] == "start"]
+    assert [(s["restart"], s["resumed_from"] and Path(s["resumed_from"]).name) for s in starts] == [
+        ("0", None),
+        ("1", "ckpt-00000012.pt"),
+    ]
+    assert_complete_run(faulted, world_size=2, epochs=2)
+    assert_bitwise_equal(load_weights(faulted), load_weights(uninterrupted))
+
+    resumed_step = next(e for e in events(faulted) if e["event"] == "first_step" and e["step"] == 13)
+    restart = starts[1]
+    print(
+        f"\nrestart after kill -9: {resumed_step['time'] - crash['time']:.2f} s until the first resumed step"
+        f" (kill -> new worker process {restart['launched'] - crash['time']:.2f} s,"
+        f" process start -> checkpoint loaded {restart['time'] - restart['launched']:.2f} s)"
+    )
+
+
+@pytest.mark.timeout(400)
+def test_truncated_and_foreign_checkpoints_are_skipped_with_a_warning(tmp_path):
+    job = [TRAIN, "--epochs", "2", "--limit-batches", "6", "--batch-size", "8", "--ckpt-every", "2", "--no-progress"]
+    reference = tmp_path / "reference"
+    run([sys.executable, *job, "--keep-ckpts", "10", "--out", reference])  # one plain process, no torchrun
+
+    # A run interrupted after epoch 1 holds checkpoints 2, 4 and 6 (the reference's, as runs are
+    # deterministic); its newest was cut short, and a foreign file looks even newer.
+    out = tmp_path / "run"
+    out.mkdir()
+    for step in (2, 4, 6):
+        shutil.copy(reference / f"ckpt-{step:08d}.pt", out)
+    newest = out / "ckpt-00000006.pt"
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
+    (out / "ckpt-00000099.pt").write_bytes(b"not a checkpoint")
+
+    _, stderr = run(["bash", LOCAL, 1, *job, "--keep-ckpts", "10", "--out", out])
+    assert "WARNING: skipping unreadable checkpoint" in stderr
+    assert "ckpt-00000099.pt" in stderr and "ckpt-00000006.pt" in stderr
+    assert Path(events(out)[0]["resumed_from"]).name == "ckpt-00000004.pt"
+    assert_complete_run(out, world_size=1, epochs=2)
+    assert_bitwise_equal(load_weights(out), load_weights(reference))
+
+
+# Stand-ins for SLURM's commands (SLURM itself does not run here): `scontrol show hostnames` names
+# this machine, and `srun --ntasks=N CMD...` runs N copies of CMD with SLURM_NODEID=0..N-1, like
+# one task per node, failing if any copy fails.
+FAKE_SCONTROL = """#!/usr/bin/env bash
+[[ "$1 $2" == "show hostnames" ]] && echo 127.0.0.1
+"""
+FAKE_SRUN = """#!/usr/bin/env bash
+ntasks=1
+while [[ $1 == --* ]]; do [[ $1 == --ntasks=* ]] && ntasks=${1#--ntasks=}; shift; done
+pids=()
+for ((i = 0; i < ntasks; i++)); do SLURM_NODEID=$i SLURM_PROCID=$i "$@" & pids+=($!); done
+status=0
+for pid in "${pids[@]}"; do wait "$pid" || status=1; done
+exit $status
+"""
+
+
+@pytest.mark.timeout(400)
+def test_slurm_job_starts_one_agent_per_node_with_the_slurm_rendezvous(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("scontrol", FAKE_SCONTROL), ("srun", FAKE_SRUN)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    slurm_env = dict(
+        PATH=f"{bin_dir}:{os.environ['PATH']}",
+        SLURM_JOB_ID="4242",
+        SLURM_JOB_NODELIST="node[01-02]",
+        SLURM_JOB_NUM_NODES="2",
+        SLURM_SUBMIT_DIR=str(REPO),
+        SLURM_CPUS_PER_TASK="1",
+        MASTER_PORT=str(free_port()),
+        RDZV_TIMEOUT="120",
+    )
+    out = tmp_path / "run"
+    _, stderr = run(["bash", SLURM, TRAIN, "--out", out, *SHORT_RUN], base_env(**slurm_env))
+    assert f"2 nodes x 1 workers, rendezvous 127.0.0.1:{slurm_env['MASTER_PORT']} (slurm-4242)" in stderr
+    assert_complete_run(out, world_size=2, epochs=2)
+
+
+def test_launch_scripts_reject_bad_usage_before_starting_anything():
+    for command, message in [
+        (["bash", LOCAL], "Usage"),
+        (["bash", LOCAL, "zero", TRAIN], "NPROC must be a positive integer"),
+        (["bash", LOCAL, 2, "no/such/script.py"], "no such training script"),
+        (["bash", MULTINODE, "--nnodes"], "needs a value"),
+        (["bash", MULTINODE, "--bogus", TRAIN], "unknown option --bogus"),
+        (["bash", MULTINODE, "--nnodes", 2, "--node-rank", 2, TRAIN], "NODE_RANK must be in [0, 2)"),
+        (["bash", SLURM, TRAIN], "run this with sbatch"),
+    ]:
+        proc = subprocess.run(
+            [str(c) for c in command], env=base_env(), cwd=REPO, capture_output=True, text=True, timeout=30
+        )
+        assert proc.returncode != 0, command
+        assert message in proc.stderr, (command, proc.stderr)
+
+
+@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not installed (apt-get install shellcheck)")
+def test_launch_scripts_are_shellcheck_clean():
+    proc = subprocess.run(
+        ["shellcheck", "--shell=bash", "--severity=style", str(LOCAL), str(MULTINODE), str(SLURM)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
