@@ -24,15 +24,9 @@ shift
 [[ $nproc_per_node =~ ^[1-9][0-9]*$ ]] || { echo "NPROC must be a positive integer, got '$nproc_per_node'" >&2; usage; }
 [[ -f $1 ]] || { echo "no such training script: $1" >&2; usage; }
 
-cores=$(nproc 2>/dev/null || echo 1)
-threads=$((cores / nproc_per_node))
-((threads >= 1)) || threads=1
-# More threads than cores/NPROC oversubscribes the CPU and makes gloo collectives crawl.
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$threads}
-# With torchrun's default shared rendezvous store, workers of a restarted group can read the
-# previous attempt's addresses and fail to connect (pytorch/pytorch#135712, #167288): give every
-# attempt a fresh store so that --max-restarts actually recovers.
-export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
+# shellcheck source=launch/_env.sh
+source "$(dirname "${BASH_SOURCE[0]}")/_env.sh"
+set_launch_env "$nproc_per_node"
 
 exec "${PYTHON:-python3}" -m torch.distributed.run \
     --standalone \

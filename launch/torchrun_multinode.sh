@@ -69,14 +69,9 @@ if [[ -n ${NODE_RANK:-} ]]; then
     if [[ $NODE_RANK -eq 0 ]]; then rdzv_conf+=",is_host=1"; else rdzv_conf+=",is_host=0"; fi
 fi
 
-cores=$(nproc 2>/dev/null || echo 1)
-threads=$((cores / nproc_per_node))
-((threads >= 1)) || threads=1
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$threads}
-# With torchrun's default shared rendezvous store, workers of a restarted group can read the
-# previous attempt's addresses and fail to connect (pytorch/pytorch#135712, #167288): give every
-# attempt a fresh store so that --max-restarts actually recovers.
-export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
+# shellcheck source=launch/_env.sh
+source "$(dirname "${BASH_SOURCE[0]}")/_env.sh"
+set_launch_env "$nproc_per_node"
 
 exec "${PYTHON:-python3}" -m torch.distributed.run \
     --nnodes "$nnodes" \

@@ -18,49 +18,41 @@ import syncnorm
 TIGHT = dict(rtol=1e-10, atol=1e-10)
 
 
-def _reference_steps(batches, grads, bn_kwargs, dims):
-    """nn.BatchNorm on each global batch in turn: outputs, input grads, param grads, buffers."""
-    cls = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}[dims]
-    ref = cls(batches[0].shape[1], dtype=torch.float64, **bn_kwargs)
+def _run_steps(layer, batches, grads):
+    """Train ``layer`` on each batch in turn; record outputs, input grads, param grads, buffers."""
+
+    def copy(t):
+        return None if t is None else t.clone()
+
     steps = []
     for x, dy in zip(batches, grads):
         x = x.clone().requires_grad_()
-        ref.zero_grad()
-        y = ref(x)
+        layer.zero_grad()
+        y = layer(x)
         y.backward(dy)
         steps.append(
             dict(
                 out=y.detach(),
                 dx=x.grad,
-                dw=None if ref.weight is None else ref.weight.grad.clone(),
-                db=None if ref.bias is None else ref.bias.grad.clone(),
-                mean=None if ref.running_mean is None else ref.running_mean.clone(),
-                var=None if ref.running_var is None else ref.running_var.clone(),
-                nbt=None if ref.num_batches_tracked is None else ref.num_batches_tracked.clone(),
+                dw=None if layer.weight is None else copy(layer.weight.grad),
+                db=None if layer.bias is None else copy(layer.bias.grad),
+                mean=copy(layer.running_mean),
+                var=copy(layer.running_var),
+                nbt=copy(layer.num_batches_tracked),
             )
         )
     return steps
 
 
+def _reference_steps(batches, grads, bn_kwargs, dims):
+    """nn.BatchNorm on each global batch in turn."""
+    cls = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}[dims]
+    return _run_steps(cls(batches[0].shape[1], dtype=torch.float64, **bn_kwargs), batches, grads)
+
+
 def _train_steps(rank, world, batches, grads, sizes, bn_kwargs):
     layer = syncnorm.SyncBatchNorm(batches[0].shape[1], dtype=torch.float64, **bn_kwargs)
-    steps = []
-    for x, dy in zip(batches, grads):
-        x = shard(x, rank, sizes).clone().requires_grad_()
-        layer.zero_grad()
-        y = layer(x)
-        y.backward(shard(dy, rank, sizes))
-        steps.append(
-            dict(
-                out=y.detach(),
-                dx=x.grad,
-                dw=None if layer.weight is None else layer.weight.grad.clone(),
-                db=None if layer.bias is None else layer.bias.grad.clone(),
-                mean=None if layer.running_mean is None else layer.running_mean.clone(),
-                var=None if layer.running_var is None else layer.running_var.clone(),
-                nbt=None if layer.num_batches_tracked is None else layer.num_batches_tracked.clone(),
-            )
-        )
+    steps = _run_steps(layer, [shard(x, rank, sizes) for x in batches], [shard(dy, rank, sizes) for dy in grads])
     layer.eval()
     eval_out = layer(shard(batches[-1], rank, sizes)).detach()
     return steps, eval_out

@@ -253,9 +253,18 @@ def test_launch_scripts_reject_bad_usage_before_starting_anything():
 @pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not installed (apt-get install shellcheck)")
 def test_launch_scripts_are_shellcheck_clean():
     proc = subprocess.run(
-        ["shellcheck", "--shell=bash", "--severity=style", str(LOCAL), str(MULTINODE), str(SLURM)],
+        [
+            "shellcheck",
+            "--shell=bash",
+            "--severity=style",
+            "--external-sources",
+            str(LOCAL),
+            str(MULTINODE),
+            str(SLURM),
+        ],
         capture_output=True,
         text=True,
         timeout=60,
+        cwd=REPO,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
