@@ -1,0 +1,360 @@
+"""Building blocks of the benchmark suite: the compared variants, the timing loop, memory probes, plots.
+
+The variants and the timing loop run inside rank processes started by
+``tests/harness.run_ranks`` (a real gloo group). The comparison variants are written
+here, not imported:
+
+* ``nn.BatchNorm`` on the local batch: the compute floor;
+* :class:`SyncFloor`: local ``nn.BatchNorm`` plus the two all_reduces syncnorm
+  really does (payload sizes passed in from ``comm_model.syncnorm_payloads``, which
+  measures them from syncnorm itself): the floor for any one-all_reduce-per-pass design;
+* :class:`NaiveSyncBatchNorm`: detectron2's NaiveSyncBatchNorm algorithm (mean and
+  mean of squares, one all_reduce through autograd, normalise with plain ops),
+  written from the algorithm's description.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import platform
+import random
+import sys
+import time
+from collections.abc import Callable
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+for _path in (REPO_ROOT, os.path.join(REPO_ROOT, "tests")):
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
+
+import syncnorm  # noqa: E402  (needs the repo root on sys.path when run as a script)
+
+# ---------------------------------------------------------------------------------------------
+# comparison variants
+
+
+class _DifferentiableAllReduce(torch.autograd.Function):
+    """Sum over ranks; the gradient of a sum over ranks is the sum of the gradients."""
+
+    @staticmethod
+    def forward(ctx, tensor: Tensor, group: dist.ProcessGroup) -> Tensor:
+        ctx.group = group
+        summed = tensor.clone()
+        dist.all_reduce(summed, group=group)
+        return summed
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        summed = grad.clone()
+        dist.all_reduce(summed, group=ctx.group)
+        return summed, None
+
+
+class NaiveSyncBatchNorm(_BatchNorm):
+    """The naive autograd design: all_reduce [mean, mean of x^2], normalise with autograd ops.
+
+    Assumes the same batch size on every rank (as the design does). Never takes a
+    fast path at one rank, so at W = 1 it shows the cost of the algorithm itself.
+    """
+
+    def __init__(self, num_features: int, process_group: Optional[dist.ProcessGroup] = None, **kwargs) -> None:
+        super().__init__(num_features, **kwargs)
+        self.process_group = process_group
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        pass
+
+    def forward(self, input: Tensor) -> Tensor:
+        if not self.training:
+            return F.batch_norm(
+                input, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
+            )
+        group = self.process_group or dist.group.WORLD
+        channels = input.shape[1]
+        reduce_dims = [0] + list(range(2, input.dim()))
+        mean = input.mean(dim=reduce_dims)
+        mean_of_squares = (input * input).mean(dim=reduce_dims)
+        both = _DifferentiableAllReduce.apply(torch.cat([mean, mean_of_squares]), group)
+        both = both * (1.0 / dist.get_world_size(group))
+        mean, mean_of_squares = torch.split(both, channels)
+        var = mean_of_squares - mean * mean
+        with torch.no_grad():
+            self.running_mean.lerp_(mean, self.momentum)
+            self.running_var.lerp_(var, self.momentum)
+        scale = self.weight * torch.rsqrt(var + self.eps)
+        shift = self.bias - mean * scale
+        shape = (1, channels) + (1,) * (input.dim() - 2)
+        return input * scale.view(shape) + shift.view(shape)
+
+
+class _AllReduceInBackward(torch.autograd.Function):
+    """Identity whose backward does one all_reduce of a fresh buffer, as syncnorm's backward does."""
+
+    @staticmethod
+    def forward(ctx, tensor: Tensor, numel: int, dtype: torch.dtype, group: dist.ProcessGroup) -> Tensor:
+        ctx.numel, ctx.dtype, ctx.group = numel, dtype, group
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        dist.all_reduce(torch.zeros(ctx.numel, dtype=ctx.dtype, device=grad.device), group=ctx.group)
+        return grad, None, None, None
+
+
+class SyncFloor(nn.Module):
+    """Local ``nn.BatchNorm`` plus one all_reduce per pass, with syncnorm's own payloads."""
+
+    def __init__(self, norm: _BatchNorm, payloads: dict, group: Optional[dist.ProcessGroup] = None) -> None:
+        super().__init__()
+        self.norm = norm
+        self.group = group or dist.group.WORLD
+        self.payloads = payloads  # {"forward": (numel, dtype), "backward": (numel, dtype)}
+
+    def forward(self, input: Tensor) -> Tensor:
+        numel, dtype = self.payloads["forward"]
+        dist.all_reduce(torch.zeros(numel, dtype=dtype, device=input.device), group=self.group)
+        numel, dtype = self.payloads["backward"]
+        return _AllReduceInBackward.apply(self.norm(input), numel, dtype, self.group)
+
+
+def plain_batchnorm(channels: int, ndim: int) -> _BatchNorm:
+    return {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}[ndim](channels)
+
+
+def convert_to_naive(module: nn.Module) -> nn.Module:
+    """Swap every ``nn.BatchNorm*`` for :class:`NaiveSyncBatchNorm`, keeping its parameters."""
+    if isinstance(module, _BatchNorm):
+        naive = NaiveSyncBatchNorm(module.num_features, eps=module.eps, momentum=module.momentum)
+        naive.load_state_dict(module.state_dict())
+        return naive.to(module.weight.device)
+    for name, child in module.named_children():
+        module.add_module(name, convert_to_naive(child))
+    return module
+
+
+# ---------------------------------------------------------------------------------------------
+# timing and memory
+
+
+def time_interleaved(
+    steps: dict[str, Callable[[], None]],
+    reps: int,
+    warmup: int,
+    barrier: Callable[[], None],
+    synchronize: Callable[[], None] = lambda: None,
+) -> dict[str, list[float]]:
+    """Seconds per call of each step, interleaved: for each repetition, every step once.
+
+    Each repetition runs the steps in a fresh random order (the same on every rank,
+    from a fixed seed): a fixed or merely rotated order makes one step always follow
+    the same neighbour, and what that neighbour leaves behind (caches, freed memory
+    the allocator hands back to the OS) then biases it; measured here as an 8%
+    penalty for the step that always ran right after the naive implementation.
+    Every rank meets at a barrier before each timed call, so all ranks time the same
+    collective; the barrier itself is outside the timed region.
+    """
+    names = list(steps)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    order = random.Random(0)
+    gc.collect()
+    gc.disable()
+    try:
+        for rep in range(warmup + reps):
+            for name in order.sample(names, len(names)):
+                barrier()
+                start = time.perf_counter()
+                steps[name]()
+                synchronize()
+                elapsed = time.perf_counter() - start
+                if rep >= warmup:
+                    times[name].append(elapsed)
+    finally:
+        gc.enable()
+    return times
+
+
+def saved_tensor_bytes(module: nn.Module, input: Tensor) -> dict[str, int]:
+    """Bytes of the distinct storages autograd saves for backward during one forward.
+
+    ``all``: every distinct storage (deduplicated by data pointer), the input and the
+    module's own parameters and buffers included; ``new``: only the storages the
+    forward allocated (not the input, not the module's state), i.e. what saving adds.
+    """
+    storages: dict[int, int] = {}
+
+    def pack(tensor: Tensor) -> Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() != 0:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        output = module(input)
+    del output
+    existing = {t.untyped_storage().data_ptr() for t in [input, *module.parameters(), *module.buffers()]}
+    return {
+        "all": sum(storages.values()),
+        "new": sum(nbytes for pointer, nbytes in storages.items() if pointer not in existing),
+    }
+
+
+def fwd_bwd(module: nn.Module, input: Tensor, grad_output: Tensor) -> Callable[[], None]:
+    """One training-mode forward and backward of ``module``, gradients cleared first."""
+
+    def step() -> None:
+        input.grad = None
+        for param in module.parameters():
+            param.grad = None
+        module(input).backward(grad_output)
+
+    return step
+
+
+# ---------------------------------------------------------------------------------------------
+# the end-to-end model (torchvision is not a dependency)
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or in_channels != out_channels:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, 1, stride, bias=False), nn.BatchNorm2d(out_channels)
+            )
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class TinyResNet(nn.Module):
+    """A CIFAR-style ResNet: 3x3 stem, one BasicBlock per stage, global pooling, linear head."""
+
+    def __init__(self, widths: tuple[int, ...] = (16, 32, 64), num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU())
+        blocks = []
+        in_channels = widths[0]
+        for index, width in enumerate(widths):
+            blocks.append(BasicBlock(in_channels, width, 1 if index == 0 else 2))
+            in_channels = width
+        self.blocks = nn.Sequential(*blocks)
+        self.head = nn.Linear(in_channels, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.blocks(self.stem(x)).mean(dim=(2, 3)))
+
+
+# ---------------------------------------------------------------------------------------------
+# reporting helpers
+
+
+def paired_ratio(numerator: list[float], denominator: list[float]) -> float:
+    """Median over repetitions of numerator / denominator timed in the same repetition.
+
+    Pairing by repetition cancels load that drifts over the run (other processes on
+    a shared machine), which a ratio of two overall medians would not.
+    """
+    return median([a / b for a, b in zip(numerator, denominator)])
+
+
+def median(values: list[float]) -> float:
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else 0.5 * (ordered[middle - 1] + ordered[middle])
+
+
+def _git_revision() -> str:
+    """The checkout's commit, with "+dirty" when syncnorm/ has uncommitted changes."""
+    import subprocess
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "--short", "HEAD")
+        return (commit + "+dirty" if git("status", "--porcelain", "--", "syncnorm") else commit) or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def machine_description() -> dict:
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {
+        "syncnorm_commit": _git_revision(),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "syncnorm": getattr(syncnorm, "__version__", "?"),
+        "load_average_1min": round(os.getloadavg()[0], 2),
+    }
+
+
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_micro_ratios(micro: list[dict], baseline: str, path: str) -> None:
+    """One panel per world size: each variant's paired time ratio to ``baseline``, per case."""
+    plt = pyplot()
+    worlds = sorted({entry["world"] for entry in micro})
+    figure, axes = plt.subplots(len(worlds), 1, figsize=(12, 3.6 * len(worlds)), squeeze=False)
+    for axis, world in zip(axes[:, 0], worlds):
+        entries = [entry for entry in micro if entry["world"] == world]
+        names = [name for name in entries[0]["times_ms"] if name != baseline]
+        width = 0.8 / len(names)
+        for index, name in enumerate(names):
+            ratios = [paired_ratio(e["times_ms"][name], e["times_ms"][baseline]) for e in entries]
+            positions = [i + (index - (len(names) - 1) / 2) * width for i in range(len(entries))]
+            axis.bar(positions, ratios, width, label=name)
+        axis.axhline(1.0, color="black", linewidth=0.8)
+        axis.set_yscale("log")  # small layers run 10-40x nn.BatchNorm (collective latency), big ones near 1x
+        axis.set_xticks(range(len(entries)), [e["case"] for e in entries], rotation=20, ha="right", fontsize=8)
+        axis.set_ylabel(f"time / {baseline}")
+        axis.set_title(f"fwd+bwd per layer, W = {world} (median, rank 0)")
+        axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def plot_step_ratios(e2e: dict, baseline: str, path: str) -> None:
+    """Bar chart of each variant's paired training-step time ratio to ``baseline``."""
+    plt = pyplot()
+    names = list(e2e["times_ms"])
+    figure, axis = plt.subplots(figsize=(5, 3.2))
+    ratios = [paired_ratio(e2e["times_ms"][name], e2e["times_ms"][baseline]) for name in names]
+    axis.bar(names, ratios, color=["gray", "tab:blue", "tab:orange", "tab:green"][: len(names)])
+    axis.set_ylabel(f"step time / {baseline}")
+    axis.set_title(f"tiny ResNet DDP training step, W = {e2e['world']}")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
