@@ -157,7 +157,8 @@ _check_override: Optional[bool] = None
 def set_check(enabled: Optional[bool]) -> None:
     """Turn the rank-consistency and non-finite guard on or off for this process.
 
-    ``None`` goes back to the environment variable ``SYNCNORM_CHECK`` (off unless "1").
+    ``None`` goes back to the environment variable ``SYNCNORM_CHECK``: on for any value but
+    empty, "0", "false" or "False".
     """
     global _check_override
     _check_override = enabled

@@ -93,18 +93,19 @@ class SyncBatchNorm(_BatchNorm):
             return F.batch_norm(
                 input, self.running_mean, self.running_var, self.weight, self.bias, not tracking, 0.0, self.eps
             )
-        if tracking and _recomputing_in_backward():
-            # Activation checkpointing re-runs this forward inside backward: batch statistics
-            # again (the output must be the same), but the running statistics were already
-            # updated by the original forward.
-            tracking = False
-        if tracking:
+        # Activation checkpointing re-runs this forward inside backward: batch statistics
+        # again (the output must be the same, and so must what autograd saves), but the
+        # running statistics were already updated by the original forward: momentum 0.
+        counting = tracking and not _recomputing_in_backward()
+        if counting:
             self.num_batches_tracked.add_(1)
             if self.momentum is None:  # cumulative moving average, kept on the device
                 if self._synchronised():
                     momentum = torch.reciprocal(self.num_batches_tracked.to(self.running_mean.dtype))
                 else:
                     momentum = 1.0 / float(self.num_batches_tracked)
+        elif tracking:
+            momentum = 0.0
         try:
             return sync_batch_norm(
                 input,
@@ -121,7 +122,7 @@ class SyncBatchNorm(_BatchNorm):
             )
         except BaseException:
             # Running statistics are written only after the op succeeds; undo the step count too.
-            if tracking:
+            if counting:
                 self.num_batches_tracked.sub_(1)
             raise
 

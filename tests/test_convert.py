@@ -97,3 +97,23 @@ def test_bare_batchnorm_is_returned_converted():
     assert type(converted) is syncnorm.SyncBatchNorm and converted.weight is bn.weight
     back = syncnorm.revert_sync_batchnorm(converted)
     assert type(back) is nn.BatchNorm1d and back.running_var is bn.running_var
+
+
+def test_activation_checkpointing_outside_distributed_updates_running_stats_once():
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4))
+    synced = syncnorm.convert_sync_batchnorm(copy.deepcopy(plain))
+    x = torch.randn(4, 3, 6, 6)
+    plain(x).square().sum().backward()
+    for use_reentrant in (False, True):
+        model = copy.deepcopy(synced)
+        xr = x.clone().requires_grad_(use_reentrant)
+        checkpoint(model, xr, use_reentrant=use_reentrant).square().sum().backward()
+        for ours, ref in zip(_batchnorms(model).values(), _batchnorms(plain).values()):
+            torch.testing.assert_close(ours.running_mean, ref.running_mean)
+            torch.testing.assert_close(ours.running_var, ref.running_var)
+            assert int(ours.num_batches_tracked) == 1
+        for ours, ref in zip(model.parameters(), plain.parameters()):
+            torch.testing.assert_close(ours.grad, ref.grad)
