@@ -21,7 +21,8 @@ _layer_counter = itertools.count()
 _BATCHNORM_HAS_BIAS_FLAG = "bias" in inspect.signature(_BatchNorm.__init__).parameters
 
 
-def _recomputing_in_backward() -> bool:
+def recomputing_in_backward() -> bool:
+    """True while activation checkpointing re-runs a forward inside the backward pass."""
     return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
 
 
@@ -96,7 +97,7 @@ class SyncBatchNorm(_BatchNorm):
         # Activation checkpointing re-runs this forward inside backward: batch statistics
         # again (the output must be the same, and so must what autograd saves), but the
         # running statistics were already updated by the original forward: momentum 0.
-        counting = tracking and not _recomputing_in_backward()
+        counting = tracking and not recomputing_in_backward()
         if counting:
             self.num_batches_tracked.add_(1)
             if self.momentum is None:  # cumulative moving average, kept on the device

@@ -35,7 +35,7 @@ from torch.nn.modules.instancenorm import _InstanceNorm
 
 from . import collectives, guard
 from .functional import _stats_dtype, check_requested, validate_input
-from .modules import SyncBatchNorm
+from .modules import SyncBatchNorm, recomputing_in_backward
 
 __all__ = ["LayerNorm2d", "SyncInstanceNorm1d", "SyncInstanceNorm2d", "SyncInstanceNorm3d", "get_norm"]
 
@@ -181,7 +181,8 @@ class _SyncInstanceNorm(_InstanceNorm):
             input.new_zeros(batch * channels, dtype=stats_dtype),
         )
         output = self._normalise_instances(input, instance_stats)
-        self._update_running_stats(*(s.view(batch, channels) for s in instance_stats), input)
+        if not recomputing_in_backward():  # activation checkpointing: already updated
+            self._update_running_stats(*(s.view(batch, channels) for s in instance_stats), input)
         return output
 
     def _normalise_instances(self, input: Tensor, instance_stats: Optional[tuple[Tensor, Tensor]]) -> Tensor:

@@ -117,3 +117,19 @@ def test_activation_checkpointing_outside_distributed_updates_running_stats_once
             assert int(ours.num_batches_tracked) == 1
         for ours, ref in zip(model.parameters(), plain.parameters()):
             torch.testing.assert_close(ours.grad, ref.grad)
+
+
+def test_instance_norm_under_checkpointing_updates_running_stats_once():
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    ref = nn.InstanceNorm2d(3, affine=True, track_running_stats=True)
+    ours = syncnorm.SyncInstanceNorm2d(3, affine=True, track_running_stats=True)
+    x = torch.randn(4, 3, 5, 5)
+    ref(x).square().sum().backward()
+    for use_reentrant in (False, True):
+        layer = copy.deepcopy(ours)
+        checkpoint(layer, x.clone().requires_grad_(), use_reentrant=use_reentrant).square().sum().backward()
+        torch.testing.assert_close(layer.running_mean, ref.running_mean)
+        torch.testing.assert_close(layer.running_var, ref.running_var)
+        torch.testing.assert_close(layer.weight.grad, ref.weight.grad)
