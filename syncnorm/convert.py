@@ -13,7 +13,8 @@ from .modules import SyncBatchNorm
 
 __all__ = ["convert_sync_batchnorm", "revert_sync_batchnorm"]
 
-_PLAIN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+# The layers convert_sync_batchnorm replaces.
+CONVERTIBLE_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
 def _move_state(source: _BatchNorm, target: _BatchNorm) -> _BatchNorm:
@@ -52,7 +53,7 @@ def _convert(module: nn.Module, process_group: collectives.SyncGroup, path: str)
         if path:
             module.layer_name = path
         return module
-    if isinstance(module, _PLAIN):
+    if isinstance(module, CONVERTIBLE_BATCHNORMS):
         converted = SyncBatchNorm(
             module.num_features,
             module.eps,

@@ -23,7 +23,7 @@ from torch import nn
 
 from . import collectives
 from .collectives import SyncGroup, SyncNormMismatchError
-from .convert import _PLAIN as _CONVERTIBLE_BATCHNORMS
+from .convert import CONVERTIBLE_BATCHNORMS as _CONVERTIBLE_BATCHNORMS
 from .convert import convert_sync_batchnorm, revert_sync_batchnorm
 from .modules import SyncBatchNorm
 
