@@ -128,10 +128,7 @@ def _forward_op(
     channels = input.shape[1]
     local_count = input.numel() // channels
     if check:
-        guard.verify_consistency(
-            group, layer, channels=channels, dtype=input.dtype, training=True,
-            kind=guard.KIND_FORWARD, ndim=input.dim(), device=input.device,
-        )  # fmt: skip
+        guard.verify_consistency(group, layer, input, training=True, kind=guard.KIND_FORWARD)
     local_mean, local_var = batch_norm_stats(input)
     sums = torch.empty(2 * channels + 1, dtype=torch.float64, device=input.device)
     sums[0] = local_count
@@ -208,10 +205,7 @@ def _backward_op(
         return input.new_empty(0), sum_dy_xhat, sum_dy
     group = collectives.lookup_group(group_name)
     if check:
-        guard.verify_consistency(
-            group, layer, channels=channels, dtype=input.dtype, training=True,
-            kind=guard.KIND_BACKWARD, ndim=input.dim(), device=input.device,
-        )  # fmt: skip
+        guard.verify_consistency(group, layer, input, training=True, kind=guard.KIND_BACKWARD)
     sums = torch.cat([sum_dy, sum_dy_xhat])
     collectives.all_reduce(sums, group, layer=layer, what="backward gradient")
     if input.numel() == 0:
@@ -346,7 +340,4 @@ def verify_eval_consistency(input: Tensor, group, layer: str) -> None:
     # rank left in eval mode while the others train is named instead of hanging them.
     if torch.compiler.is_compiling():
         return
-    guard.verify_consistency(
-        group, layer, channels=input.shape[1], dtype=input.dtype, training=False,
-        kind=guard.KIND_FORWARD, ndim=input.dim(), device=input.device,
-    )  # fmt: skip
+    guard.verify_consistency(group, layer, input, training=False, kind=guard.KIND_FORWARD)

@@ -98,24 +98,16 @@ def _odd_ranks_out(fingerprints: list[tuple[int, ...]], ranks: list[int]) -> tup
     return reference, [rank for rank, f in zip(ranks, fingerprints) if f != majority]
 
 
-def verify_consistency(
-    group: dist.ProcessGroup,
-    layer: str,
-    *,
-    channels: int,
-    dtype: torch.dtype,
-    training: bool,
-    kind: int,
-    ndim: int,
-    device: torch.device,
-) -> None:
+def verify_consistency(group: dist.ProcessGroup, layer: str, input: torch.Tensor, *, training: bool, kind: int) -> None:
     """Raise :class:`SyncNormMismatchError` on every rank of ``group`` unless all ranks agree.
 
-    Every rank must call this at the same point (it is a collective); the error on
-    each rank names its own layer, the ranks that differ from the majority, and what
-    every rank was doing.
+    The fingerprint is the layer name, ``training``, ``kind`` and the input's channel
+    count, dtype and number of dims. Every rank must call this at the same point (it is
+    a collective); the error on each rank names its own layer, the ranks that differ
+    from the majority, and what every rank was doing.
     """
-    fingerprint = _fingerprint(layer, channels, dtype, training, kind, ndim)
+    fingerprint = _fingerprint(layer, input.shape[1], input.dtype, training, kind, input.dim())
+    device = input.device
     # [f, -f, 0]: the trailing 0 makes the count odd (see the module docstring).
     pair = torch.tensor(fingerprint + [-v for v in fingerprint] + [0], dtype=torch.int32, device=device)
     all_reduce(pair, group, layer=layer, what="consistency-guard", op=dist.ReduceOp.MAX)

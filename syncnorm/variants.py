@@ -240,11 +240,8 @@ class _SyncInstanceNorm(_InstanceNorm):
         )
 
     def _verify_consistency(self, input: Tensor, *, training: bool) -> None:
-        guard.verify_consistency(
-            collectives.resolve_group(self.process_group), self.layer_name, channels=input.shape[1],
-            dtype=input.dtype, training=training, kind=guard.KIND_RUNNING_STATS, ndim=input.dim(),
-            device=input.device,
-        )  # fmt: skip
+        group = collectives.resolve_group(self.process_group)
+        guard.verify_consistency(group, self.layer_name, input, training=training, kind=guard.KIND_RUNNING_STATS)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", layer_name={self.layer_name!r}"
