@@ -37,6 +37,9 @@ for _path in (REPO_ROOT, os.path.join(REPO_ROOT, "tests")):
 
 import syncnorm  # noqa: E402  (needs the repo root on sys.path when run as a script)
 
+# The BatchNorm input shapes of ResNet-50, per sample (C, H, W).
+RESNET50_SHAPES = ((64, 112, 112), (256, 56, 56), (512, 28, 28), (1024, 14, 14), (2048, 7, 7))
+
 # ---------------------------------------------------------------------------------------------
 # comparison variants
 

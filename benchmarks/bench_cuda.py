@@ -17,20 +17,13 @@ import statistics
 
 import torch
 import torch.distributed as dist
+from _bench_common import RESNET50_SHAPES  # also puts the repo root on sys.path
 from torch import nn
 from torch.testing._internal.distributed.fake_pg import FakeStore
 
 import syncnorm
 
-SHAPES = [
-    (32, 64, 112, 112),
-    (32, 256, 56, 56),
-    (32, 512, 28, 28),
-    (32, 1024, 14, 14),
-    (32, 2048, 7, 7),
-    (8, 256, 56, 56),
-    (256, 512),
-]
+SHAPES = [(32, *shape) for shape in RESNET50_SHAPES] + [(8, 256, 56, 56), (256, 512)]
 
 
 def _time(fn, reps: int = 30) -> float:

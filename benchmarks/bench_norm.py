@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from _bench_common import (
+    RESNET50_SHAPES,
     NaiveSyncBatchNorm,
     SyncFloor,
     TinyResNet,
@@ -54,7 +55,6 @@ from torch import nn
 import syncnorm
 
 BASELINE, FLOOR, NAIVE, OURS, TORCH_SYNC = "nn.BatchNorm", "sync floor", "naive", "syncnorm", "torch SyncBN"
-RESNET50_SHAPES = ((64, 112, 112), (256, 56, 56), (512, 28, 28), (1024, 14, 14), (2048, 7, 7))
 W1_TARGET, FLOOR_TARGET, NAIVE_TARGET = 1.05, 1.25, 0.8
 # Layers this small take well under a millisecond at W = 1, where a scheduler hiccup is the size
 # of the effect being measured; they get --small-reps-factor times the repetitions (cheaply).
