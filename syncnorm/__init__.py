@@ -14,9 +14,9 @@ from .collectives import (
     resolve_group,
     set_check,
 )
-from .convert import convert_sync_batchnorm, revert_sync_batchnorm
+from .convert import convert_sync_batchnorm, register_conversion, revert_sync_batchnorm
 from .guard import SyncNormNonFiniteError
-from .modules import SyncBatchNorm
+from .modules import SyncBatchNorm, SyncBatchNormAct2d
 from .variants import LayerNorm2d, SyncInstanceNorm1d, SyncInstanceNorm2d, SyncInstanceNorm3d, get_norm
 
 __version__ = "0.1.0"
@@ -28,6 +28,7 @@ __all__ = [
     "SyncInstanceNorm3d",
     "get_norm",
     "SyncBatchNorm",
+    "SyncBatchNormAct2d",
     "SyncNormCollectiveError",
     "SyncNormMismatchError",
     "SyncNormNonFiniteError",
@@ -36,6 +37,7 @@ __all__ = [
     "functional",
     "group_size",
     "new_sync_groups",
+    "register_conversion",
     "resolve_group",
     "revert_sync_batchnorm",
     "set_check",

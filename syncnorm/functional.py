@@ -33,12 +33,42 @@ from torch import Tensor
 
 from . import collectives, guard
 
-__all__ = ["sync_batch_norm", "batch_norm_stats", "update_running_stats", "validate_input"]
+__all__ = [
+    "affine_in_dtype",
+    "statistics_dtype",
+    "sync_batch_norm",
+    "batch_norm_stats",
+    "update_running_stats",
+    "validate_input",
+]
 
 
 def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
     # Statistics of half-precision inputs are kept in float32, as torch does.
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def affine_in_dtype(
+    weight: Optional[Tensor], bias: Optional[Tensor], dtype: torch.dtype
+) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    """Weight and bias in the statistics' dtype (a differentiable cast, a no-op when they match).
+
+    Mixed precision hands a layer half-precision weight and bias next to float32
+    statistics: FSDP2's ``MixedPrecisionPolicy(param_dtype=torch.bfloat16)`` casts the
+    parameters but not the running buffers, and torch's kernels then refuse the mix
+    ("expected scalar type BFloat16 but found Float"). torch.nn.SyncBatchNorm casts
+    weight and bias up first; so does syncnorm, and autograd casts their gradients back.
+    """
+    if weight is not None and weight.dtype != dtype:
+        weight = weight.to(dtype)
+    if bias is not None and bias.dtype != dtype:
+        bias = bias.to(dtype)
+    return weight, bias
+
+
+def statistics_dtype(input_dtype: torch.dtype, running_mean: Optional[Tensor]) -> torch.dtype:
+    """The dtype F.batch_norm computes in: the running buffers' if given, else float32 for half inputs."""
+    return _stats_dtype(input_dtype) if running_mean is None else running_mean.dtype
 
 
 def _channel_view(t: Tensor, ndim: int) -> Tensor:
@@ -315,6 +345,9 @@ def sync_batch_norm(
     validate_input(input, num_features, layer)
     group = collectives.resolve_group(process_group)
     if not training or group is None or group.size() == 1:
+        # torch's kernels want weight and bias in the running buffers' dtype, or (without
+        # buffers) in the input's statistics dtype.
+        weight, bias = affine_in_dtype(weight, bias, statistics_dtype(input.dtype, running_mean))
         if training and input.numel() // input.shape[1] <= 1:
             # F.batch_norm's own message; raised here so the text names the layer.
             raise ValueError(
@@ -323,6 +356,8 @@ def sync_batch_norm(
         if not training and check_requested(check) and group is not None and group.size() > 1:
             verify_eval_consistency(input, group, layer)
         return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    # The op normalises with statistics in _stats_dtype(input.dtype): weight and bias follow.
+    weight, bias = affine_in_dtype(weight, bias, _stats_dtype(input.dtype))
     output, mean, var, count = torch.ops.syncnorm.batch_norm_forward(
         input, weight, bias, eps, group.group_name, layer, check_requested(check)
     )

@@ -2,19 +2,27 @@
 
 from __future__ import annotations
 
+import copy
 import inspect
 import itertools
 from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import collectives
-from .functional import check_requested, sync_batch_norm, validate_input, verify_eval_consistency
+from .functional import (
+    affine_in_dtype,
+    check_requested,
+    statistics_dtype,
+    sync_batch_norm,
+    validate_input,
+    verify_eval_consistency,
+)
 
-__all__ = ["SyncBatchNorm"]
+__all__ = ["SharesProcessGroup", "SyncBatchNorm", "SyncBatchNormAct2d"]
 
 _layer_counter = itertools.count()
 # torch >= 2.13 can build an affine BatchNorm without a bias.
@@ -26,7 +34,39 @@ def recomputing_in_backward() -> bool:
     return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
 
 
-class SyncBatchNorm(_BatchNorm):
+class SharesProcessGroup:
+    """Copies share the layer's ``process_group``; pickling refuses a group it cannot save.
+
+    A ``ProcessGroup`` (or a ``DeviceMesh``) is a process-wide resource: it cannot be
+    pickled, and copying it would not make a new group anyway. ``copy.deepcopy`` of a
+    model (what EMA helpers such as timm's ``ModelEmaV3`` and torch's ``AveragedModel``
+    do) therefore gives layers that synchronise over the very same group object.
+    ``torch.save`` of a whole module whose layer holds a group raises a ``TypeError``
+    that says what to do; with ``process_group=None`` (the default group) it saves as usual.
+    """
+
+    def __deepcopy__(self, memo: dict) -> Any:
+        group = self.__dict__.get("process_group")
+        if group is not None:
+            memo[id(group)] = group  # deepcopy hands out memo entries as they are
+        copied = type(self).__new__(type(self))
+        memo[id(self)] = copied
+        copied.__setstate__(copy.deepcopy(self.__dict__, memo))
+        return copied
+
+    def __getstate__(self) -> dict:
+        if self.__dict__.get("process_group") is not None:
+            raise TypeError(
+                f"syncnorm: layer '{self.__dict__.get('layer_name')}' ({type(self).__name__}) holds a process group "
+                f"({type(self.process_group).__name__}), which cannot be pickled, so this module cannot be saved "
+                "whole (torch.save(model)). Save model.state_dict() instead (recommended: the keys are "
+                "nn.BatchNorm's), or set layer.process_group = None (the default group) on every syncnorm layer "
+                "before saving and set the group again after loading."
+            )
+        return super().__getstate__()
+
+
+class SyncBatchNorm(SharesProcessGroup, _BatchNorm):
     r"""BatchNorm whose training statistics cover the global mini-batch of all ranks.
 
     A drop-in for ``nn.BatchNorm1d/2d/3d`` and ``torch.nn.SyncBatchNorm`` (same
@@ -91,8 +131,10 @@ class SyncBatchNorm(_BatchNorm):
             validate_input(input, self.num_features, self.layer_name)
             if check_requested(self.check) and self._synchronised():
                 verify_eval_consistency(input, collectives.resolve_group(self.process_group), self.layer_name)
+            running_mean = self.running_mean if tracking else None
+            weight, bias = affine_in_dtype(self.weight, self.bias, statistics_dtype(input.dtype, running_mean))
             return F.batch_norm(
-                input, self.running_mean, self.running_var, self.weight, self.bias, not tracking, 0.0, self.eps
+                input, running_mean, self.running_var if tracking else None, weight, bias, not tracking, 0.0, self.eps
             )
         # Activation checkpointing re-runs this forward inside backward: batch statistics
         # again (the output must be the same, and so must what autograd saves), but the
@@ -132,3 +174,31 @@ class SyncBatchNorm(_BatchNorm):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", layer_name={self.layer_name!r}"
+
+
+class SyncBatchNormAct2d(SyncBatchNorm, nn.BatchNorm2d):
+    """SyncBatchNorm followed by the layer's own ``drop`` and ``act`` modules, for timm's BatchNormAct2d.
+
+    timm's ``BatchNormAct2d`` (and ``SyncBatchNormAct``) is a ``BatchNorm2d`` that applies
+    ``self.drop`` then ``self.act`` after normalising; converting it to a plain
+    synchronised BatchNorm would silently drop the activation. This layer keeps the
+    very same ``drop`` and ``act`` modules (and every parameter, buffer and flag) and
+    applies them after the synchronised normalisation. It is still an
+    ``nn.BatchNorm2d`` instance, takes 4-D input only (as ``BatchNormAct2d``), and
+    :func:`syncnorm.revert_sync_batchnorm` gives back ``BatchNormAct2d``. Made by
+    :func:`syncnorm.convert_sync_batchnorm`; built directly, it starts with
+    ``nn.Identity`` for both.
+    """
+
+    def __init__(self, num_features: int, *args: Any, **kwargs: Any) -> None:
+        super().__init__(num_features, *args, **kwargs)
+        self.drop: nn.Module = nn.Identity()
+        self.act: nn.Module = nn.Identity()
+
+    def forward(self, input: Tensor) -> Tensor:
+        if input.dim() != 4:
+            raise ValueError(
+                f"syncnorm: layer '{self.layer_name}' ({type(self).__name__}) expects 4-D input (N, C, H, W), "
+                f"got shape {tuple(input.shape)}"
+            )
+        return self.act(self.drop(super().forward(input)))

@@ -35,7 +35,7 @@ from torch.nn.modules.instancenorm import _InstanceNorm
 
 from . import collectives, guard
 from .functional import _stats_dtype, check_requested, validate_input
-from .modules import SyncBatchNorm, recomputing_in_backward
+from .modules import SharesProcessGroup, SyncBatchNorm, recomputing_in_backward
 
 __all__ = ["LayerNorm2d", "SyncInstanceNorm1d", "SyncInstanceNorm2d", "SyncInstanceNorm3d", "get_norm"]
 
@@ -125,7 +125,7 @@ _layer_counter = itertools.count()
 _INSTANCENORM_HAS_BIAS_FLAG = "bias" in inspect.signature(_InstanceNorm.__init__).parameters
 
 
-class _SyncInstanceNorm(_InstanceNorm):
+class _SyncInstanceNorm(SharesProcessGroup, _InstanceNorm):
     """The shared body of SyncInstanceNorm1d/2d/3d (the dimension checks come from torch's classes)."""
 
     def __init__(

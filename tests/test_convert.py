@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 
+import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -133,3 +137,95 @@ def test_instance_norm_under_checkpointing_updates_running_stats_once():
         torch.testing.assert_close(layer.running_mean, ref.running_mean)
         torch.testing.assert_close(layer.running_var, ref.running_var)
         torch.testing.assert_close(layer.weight.grad, ref.weight.grad)
+
+
+# --- conversion rules: what is converted, what is refused ------------------------------------
+
+
+class CheckedBatchNorm(nn.BatchNorm2d):
+    """Like mmengine's _BatchNormXd: overrides only the input check, so it computes what BatchNorm2d does."""
+
+    def _check_input_dim(self, input):
+        pass
+
+
+class ResidualBatchNorm(nn.BatchNorm2d):
+    """A user subclass whose forward does more than normalise."""
+
+    def forward(self, input):
+        return super().forward(input) + input
+
+
+class SyncResidualBatchNorm(syncnorm.SyncBatchNorm):
+    def forward(self, input):
+        return super().forward(input) + input
+
+
+def test_subclass_without_its_own_forward_is_converted_like_its_base_and_reverted_to_itself():
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), CheckedBatchNorm(4)).double()
+    model[1].note = "kept"
+    calls = []
+    model[1].register_forward_hook(lambda *args: calls.append(1))
+    x = torch.randn(3, 3, 4, 4, dtype=torch.float64)
+    expected = copy.deepcopy(model)(x)
+    calls.clear()  # the copy ran the hook as well
+    syncnorm.convert_sync_batchnorm(model)
+    assert type(model[1]) is syncnorm.SyncBatchNorm and model[1].note == "kept"
+    torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+    assert calls == [1]  # the user's hook came along
+    syncnorm.revert_sync_batchnorm(model)
+    assert type(model[1]) is CheckedBatchNorm and model[1].note == "kept"
+    assert not hasattr(model[1], "process_group") and not hasattr(model[1], "layer_name")
+
+
+def test_subclass_with_its_own_forward_is_refused_before_anything_changes():
+    model = nn.Sequential(nn.BatchNorm2d(4), nn.Sequential(ResidualBatchNorm(4)))
+    with pytest.raises(TypeError) as caught:
+        syncnorm.convert_sync_batchnorm(model)
+    message = str(caught.value)
+    assert "ResidualBatchNorm" in message and "'1.0'" in message
+    assert "register_conversion" in message and "exclude" in message
+    assert type(model[0]) is nn.BatchNorm2d  # nothing was converted
+
+
+def test_registered_and_excluded_subclasses():
+    x = torch.randn(3, 4, 4, 4, dtype=torch.float64)
+    model = nn.Sequential(ResidualBatchNorm(4)).double()
+    expected = copy.deepcopy(model)(x)
+    kept = syncnorm.convert_sync_batchnorm(copy.deepcopy(model), exclude=[ResidualBatchNorm])
+    assert type(kept[0]) is ResidualBatchNorm
+    syncnorm.register_conversion(ResidualBatchNorm, SyncResidualBatchNorm)
+    try:
+        converted = syncnorm.convert_sync_batchnorm(model)
+        assert type(converted[0]) is SyncResidualBatchNorm
+        torch.testing.assert_close(converted(x), expected, rtol=0, atol=0)
+        assert type(syncnorm.revert_sync_batchnorm(converted)[0]) is ResidualBatchNorm
+    finally:
+        syncnorm.convert._CONVERSIONS.pop(ResidualBatchNorm)
+    with pytest.raises(TypeError, match="SyncBatchNorm or a callable"):
+        syncnorm.register_conversion(ResidualBatchNorm, nn.BatchNorm2d)
+
+
+def test_uninitialised_lazy_batchnorm_is_a_clear_error_and_converts_after_a_forward():
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.LazyBatchNorm2d())
+    with pytest.raises(ValueError, match="uninitialised LazyBatchNorm2d.*Run one forward"):
+        syncnorm.convert_sync_batchnorm(model)
+    model(torch.randn(2, 3, 4, 4))
+    assert type(syncnorm.convert_sync_batchnorm(model)[1]) is syncnorm.SyncBatchNorm
+
+
+def test_activation_layer_applies_act_and_drop_and_reverts_to_timm_when_built_directly():
+    layer = syncnorm.SyncBatchNormAct2d(4).double()
+    layer.act = nn.SiLU()
+    reference = nn.BatchNorm2d(4).double()
+    x = torch.randn(3, 4, 5, 5, dtype=torch.float64)
+    torch.testing.assert_close(layer(x), F.silu(reference(x)), rtol=0, atol=0)
+    assert isinstance(layer, nn.BatchNorm2d)
+    with pytest.raises(ValueError, match="4-D input"):
+        layer(torch.randn(3, 4, dtype=torch.float64))
+    # syncnorm never imports timm for a model without timm layers:
+    code = "import sys, torch, syncnorm; m = syncnorm.convert_sync_batchnorm(torch.nn.BatchNorm2d(3)); print('timm' in sys.modules)"
+    assert (
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+        == "False"
+    )
