@@ -10,7 +10,13 @@ Each rank takes its DistributedSampler share of the training split, DDP averages
   that loads, skipping corrupt ones with a warning, and skips the batches of the current epoch that
   were already done. Runs are deterministic, so a resumed run ends with bitwise the same weights and
   BatchNorm buffers as an uninterrupted one (given the same world size);
+* ``--precise-bn N``: before the final evaluation, :func:`syncnorm.precise_bn` replaces the running
+  statistics with the population statistics of N training batches per rank (all ranks together);
+  the held-out accuracy is reported with both, and ``final_model.pt`` holds the precise ones;
 * at the end, rank 0 writes ``metrics.json``, ``metrics.png`` and ``final_model.pt`` to ``--out``.
+  Rerunning a finished run with the same ``--out`` says so, names its outputs and exits 0 without
+  training (it only redoes the final step if the outputs are missing or ``--precise-bn`` changed);
+  ``--fresh`` (or a new ``--out``) trains again from scratch. A run that did not finish resumes.
 
 Environment: ``SYNCNORM_BACKEND`` (gloo|nccl) overrides the backend (default: nccl on CUDA, gloo
 on CPU). ``SYNCNORM_EXAMPLE_CRASH_AT_STEP=k`` makes rank ``SYNCNORM_EXAMPLE_CRASH_RANK`` (default:
@@ -46,6 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # syncnorm from
 from common import NORM_CHOICES, DigitsNet, load_digits  # noqa: E402
 
 import syncnorm  # noqa: E402
+from syncnorm.precise import precise_bn  # noqa: E402  (also syncnorm.precise_bn)
 
 CKPT_PREFIX, CKPT_SUFFIX = "ckpt-", ".pt"
 CKPT_FORMAT = 1
@@ -69,9 +76,24 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--keep-ckpts", type=int, default=3, help="how many checkpoints to keep")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--compare", action="store_true", help="run examples/compare_digits.py (see its --help)")
+    parser.add_argument(
+        "--precise-bn",
+        type=int,
+        default=0,
+        metavar="N",
+        help="before the final evaluation, recompute the BatchNorm statistics over N training batches per rank",
+    )
+    parser.add_argument(
+        "--fresh",
+        action="store_true",
+        help="delete this --out's checkpoints and outputs and train from scratch (ignored on a torchrun restart)",
+    )
     args = parser.parse_args(argv)
-    if args.batch_size < 1 or args.keep_ckpts < 1 or min(args.epochs, args.ckpt_every, args.limit_batches) < 0:
-        parser.error("--batch-size and --keep-ckpts must be >= 1; --epochs, --ckpt-every, --limit-batches >= 0")
+    sizes = (args.epochs, args.ckpt_every, args.limit_batches, args.precise_bn)
+    if args.batch_size < 1 or args.keep_ckpts < 1 or min(sizes) < 0:
+        parser.error(
+            "--batch-size and --keep-ckpts must be >= 1; --epochs, --ckpt-every, --limit-batches, --precise-bn >= 0"
+        )
     return args
 
 
@@ -167,13 +189,46 @@ def save_checkpoint(out: Path, keep: int, state: dict) -> None:
         old.unlink(missing_ok=True)
 
 
-def broadcast_state(state: Optional[dict], distributed: bool) -> Optional[dict]:
+def broadcast_state(state: Any, distributed: bool) -> Any:
     """Rank 0 reads the checkpoint; everybody gets the same one (no shared filesystem needed)."""
     if not distributed:
         return state
     box = [state]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+OUTPUTS = ("metrics.json", "metrics.png", "final_model.pt")
+
+
+def completion_record(state: dict, precise_bn: int) -> dict:
+    """What metrics.json records about a finished run, to recognise it when it is run again."""
+    return {"epochs": state["epoch"], "step": state["step"], "precise_bn": precise_bn}
+
+
+def finished_run_message(out: Path, state: Optional[dict], config: dict, args: argparse.Namespace) -> Optional[str]:
+    """A message when ``out`` holds this run complete (trained and its outputs written), else None."""
+    if state is None or state["epoch"] < args.epochs or state["batches_done"] != 0:
+        return None  # nothing yet, or training still to do: start or resume
+    if any(state["config"].get(k) != config[k] for k in RESUME_KEYS):
+        return None  # another run's checkpoints: the resume check below says so
+    try:
+        recorded = json.loads((out / "metrics.json").read_text()).get("complete")
+    except (OSError, ValueError):
+        return None
+    if recorded != completion_record(state, args.precise_bn) or not all((out / name).exists() for name in OUTPUTS):
+        return None  # trained, but the outputs are missing or were made otherwise: redo the final step only
+    return (
+        f"{out} already holds this run, complete (epochs: {state['epoch']}, step {state['step']}); its outputs are "
+        + ", ".join(str(out / name) for name in OUTPUTS)
+        + ". Nothing to do: pass --fresh to train again from scratch, or use a new --out."
+    )
+
+
+def clear_run(out: Path) -> None:
+    """--fresh: remove what an earlier run left in ``out`` (only this script's own files)."""
+    for path in [*out.glob(f"{CKPT_PREFIX}*{CKPT_SUFFIX}"), *(out / name for name in (*OUTPUTS, "events.jsonl"))]:
+        path.unlink(missing_ok=True)
 
 
 def log_event(out: Path, **event: Any) -> None:
@@ -226,7 +281,57 @@ def evaluate(model: nn.Module, data: TensorDataset, device: torch.device) -> tup
     return loss, (logits.argmax(1) == labels).float().mean().item()
 
 
-def write_report(out: Path, config: dict, history: list[dict]) -> None:
+def recompute_batchnorm_statistics(
+    model: nn.Module,
+    sampler: DistributedSampler,
+    images: torch.Tensor,
+    held_out: TensorDataset,
+    args: argparse.Namespace,
+    history: list,
+    rank: int,
+) -> Optional[dict]:
+    """--precise-bn: population statistics of N training batches per rank, then the held-out accuracy again.
+
+    The batches are those of a further epoch (a fresh shuffle of each rank's share); the model is
+    the bare one (not the DDP wrapper). Every rank evaluates, as after each epoch.
+    """
+    if not history or not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return None  # no epoch was trained, or --norm none: nothing to recompute
+    device = images.device
+    batches = epoch_batches(sampler, args.epochs, args.batch_size)
+    started = time.perf_counter()
+    result = precise_bn(
+        model,
+        batches,
+        args.precise_bn,
+        forward=lambda net, batch: net(images[torch.as_tensor(batch, device=device)]),
+        progress=not args.no_progress,
+    )
+    seconds = time.perf_counter() - started
+    held_out_loss, accuracy = evaluate(model, held_out, device)
+    record = {
+        "batches_per_rank": result.local_batches,
+        "batches": result.batches,
+        "seconds": seconds,
+        "held_out_loss": held_out_loss,
+        "held_out_accuracy": accuracy,
+        "held_out_accuracy_running_stats": history[-1]["held_out_accuracy"],
+        "max_mean_change": result.max_mean_change,
+        "max_var_change": result.max_var_change,
+    }
+    if rank == 0:
+        print(
+            f"precise BN over {result.batches} batches ({result.local_batches} per rank) in {seconds:.2f} s: held-out"
+            f" acc {history[-1]['held_out_accuracy']:.4f} with running statistics, {accuracy:.4f} with precise"
+            f" statistics (held-out loss {history[-1]['held_out_loss']:.4f} -> {held_out_loss:.4f})",
+            flush=True,
+        )
+    return record
+
+
+def write_report(
+    out: Path, config: dict, history: list[dict], complete: Optional[dict] = None, precise_bn: Optional[dict] = None
+) -> None:
     """metrics.json and metrics.png (loss and held-out accuracy per epoch)."""
     import matplotlib
 
@@ -239,7 +344,9 @@ def write_report(out: Path, config: dict, history: list[dict]) -> None:
         starts = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines() if line.strip()]
     final = history[-1] if history else {}
     metrics = {"config": config, "history": history, "final": final, "events": starts}
-    atomic_save(json.dumps(metrics, indent=2), out / "metrics.json")
+    if precise_bn is not None:
+        metrics["precise_bn"] = precise_bn
+    metrics["complete"] = complete
     epochs = [h["epoch"] for h in history]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.5))
     ax_loss.plot(epochs, [h["train_loss"] for h in history], "o-", label="train")
@@ -254,6 +361,7 @@ def write_report(out: Path, config: dict, history: list[dict]) -> None:
     fig.tight_layout()
     fig.savefig(out / "metrics.png", dpi=100)
     plt.close(fig)
+    atomic_save(json.dumps(metrics, indent=2), out / "metrics.json")  # last: its "complete" marks the run done
 
 
 class EpochLoss:
@@ -297,6 +405,9 @@ def train(args: argparse.Namespace) -> None:
         out.mkdir(parents=True, exist_ok=True)
         for stale in out.glob(".*.tmp"):  # left by a writer that was killed mid-write
             stale.unlink(missing_ok=True)
+        # Only on the first attempt: a group that torchrun restarts must resume, not start over.
+        if args.fresh and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
+            clear_run(out)
     config = {k: getattr(args, k) for k in ("norm", "batch_size", "seed", "lr", "momentum", "limit_batches")}
     config["world_size"] = world_size
 
@@ -307,7 +418,17 @@ def train(args: argparse.Namespace) -> None:
     images, labels = (t.to(device) for t in train_set.tensors)
     epoch_loss = EpochLoss(device, distributed)
 
-    state = broadcast_state(load_newest_checkpoint(out) if rank == 0 else None, distributed)
+    found = load_newest_checkpoint(out) if rank == 0 else None
+    state, finished = broadcast_state(
+        (found, finished_run_message(out, found, config, args)) if rank == 0 else None, distributed
+    )
+    if finished:
+        if rank == 0:
+            print(finished, flush=True)
+        if distributed:
+            dist.barrier()
+            dist.destroy_process_group()
+        return
     epoch, batches_done, step, history = 0, 0, 0, []
     if state is not None:
         mismatch = {k: (state["config"][k], config[k]) for k in RESUME_KEYS if state["config"][k] != config[k]}
@@ -323,7 +444,13 @@ def train(args: argparse.Namespace) -> None:
         resumed = state["path"] if state else None
         restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
         log_event(out, event="start", resumed_from=resumed, step=step, restart=restart, launched=process_started_at())
-        if resumed:
+        if resumed and epoch >= args.epochs:
+            print(
+                f"{resumed}: training is complete (step {step}); writing the final outputs again, as they are "
+                "missing or were made with another --precise-bn",
+                flush=True,
+            )
+        elif resumed:
             print(f"resuming from {resumed}: epoch {epoch + 1}, {batches_done} batches done, step {step}", flush=True)
 
     def checkpoint() -> None:
@@ -392,9 +519,13 @@ def train(args: argparse.Namespace) -> None:
         epoch, batches_done = epoch + 1, 0
         checkpoint()
 
+    precise = None
+    if args.precise_bn:
+        precise = recompute_batchnorm_statistics(model, sampler, images, held_out, args, history, rank)
     if rank == 0:
         atomic_save(model.state_dict(), out / "final_model.pt")
-        write_report(out, config, history)
+        complete = completion_record({"epoch": epoch, "step": step}, args.precise_bn)
+        write_report(out, config, history, complete=complete, precise_bn=precise)  # last: marks the run complete
         print(f"wrote {out / 'metrics.json'}, {out / 'metrics.png'} and {out / 'final_model.pt'}", flush=True)
     if distributed:
         dist.barrier()

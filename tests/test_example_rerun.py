@@ -1,0 +1,136 @@
+"""examples/train_digits.py run again on the same --out, under real torchrun (2 CPU ranks, gloo).
+
+A finished run says it is complete and trains nothing; ``--fresh`` trains again; a run that did
+not finish resumes (also when ``--fresh`` is on the command line of a group that torchrun restarts);
+``--precise-bn N`` on a finished run redoes only the final step.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+LOCAL = REPO / "launch" / "torchrun_local.sh"
+TRAIN = REPO / "examples" / "train_digits.py"
+COMMAND_TIMEOUT = 200
+SHORT_RUN = ["--epochs", "1", "--limit-batches", "4", "--batch-size", "4", "--no-progress", "--device", "cpu"]
+
+
+def base_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SYNCNORM_", "TORCHELASTIC_"))}
+    env.update(PYTHON=sys.executable, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
+    return env
+
+
+def torchrun(out: Path, *args, env: dict[str, str] | None = None, expect_rc: int | None = 0) -> tuple[int, str]:
+    """``launch/torchrun_local.sh 2 train_digits.py ...``; the whole process tree is killed on a timeout."""
+    cmd = ["bash", str(LOCAL), "2", str(TRAIN), *SHORT_RUN, "--out", str(out), *map(str, args)]
+    proc = subprocess.Popen(
+        cmd,
+        env=env or base_env(),
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        output, _ = proc.communicate(timeout=COMMAND_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        pytest.fail(f"timed out: {cmd}\n{output[-5000:]}")
+    if expect_rc is not None:
+        assert proc.returncode == expect_rc, f"exit {proc.returncode}: {cmd}\n{output[-5000:]}"
+    return proc.returncode, output
+
+
+def files_of(out: Path) -> dict[str, tuple[int, bytes]]:
+    """Every file of the run folder with its modification time and contents."""
+    return {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(out.iterdir()) if p.is_file()}
+
+
+def starts(out: Path) -> list[dict]:
+    events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
+    return [e for e in events if e["event"] == "start"]
+
+
+@pytest.mark.timeout(400)
+def test_rerun_of_a_finished_run_says_so_and_trains_nothing_and_fresh_trains_again(tmp_path):
+    out = tmp_path / "run"
+    _, first = torchrun(out)
+    assert "epoch 1/1" in first
+    before = files_of(out)
+    assert {"metrics.json", "metrics.png", "final_model.pt", "ckpt-00000004.pt"} <= before.keys()
+
+    _, again = torchrun(out)
+    assert "already holds this run, complete" in again
+    for name in ("metrics.json", "metrics.png", "final_model.pt"):
+        assert str(out / name) in again
+    assert "--fresh" in again
+    assert "epoch 1/1" not in again and "resuming" not in again
+    assert files_of(out) == before  # nothing rewritten, not even the event log
+
+    _, fresh = torchrun(out, "--fresh")
+    assert "epoch 1/1" in fresh and "resuming" not in fresh and "already holds" not in fresh
+    assert [s["resumed_from"] for s in starts(out)] == [None]  # the old run's files were cleared
+    # Deterministic: training again gives bitwise the same model.
+    retrained = torch.load(out / "final_model.pt", weights_only=True)
+    previous = torch.load(io.BytesIO(before["final_model.pt"][1]), weights_only=True)
+    assert all(torch.equal(retrained[k], v) for k, v in previous.items())
+
+
+@pytest.mark.timeout(500)
+def test_an_unfinished_run_resumes_also_when_torchrun_restarts_a_fresh_run(tmp_path):
+    out = tmp_path / "run"
+    job = ("--epochs", "2", "--ckpt-every", "2")
+    # Rank 1 kills itself after step 6 (epoch 2); the newest checkpoint is step 4 (the end of epoch 1).
+    crash = base_env(SYNCNORM_EXAMPLE_CRASH_AT_STEP="6", SYNCNORM_EXAMPLE_CRASH_RANK="1")
+    rc, _ = torchrun(out, *job, env=crash, expect_rc=None)
+    assert rc != 0 and (out / ".crash-injected").exists() and not (out / "metrics.json").exists()
+    _, resumed = torchrun(out, *job)
+    assert "resuming from" in resumed and "ckpt-00000004.pt: epoch 2, 0 batches done, step 4" in resumed
+    assert "epoch 2/2" in resumed and "epoch 1/2" not in resumed
+
+    # --fresh clears only on the first attempt: the group torchrun restarts after the crash resumes.
+    (out / ".crash-injected").unlink()
+    restarting = dict(crash, MAX_RESTARTS="1")
+    _, output = torchrun(out, *job, "--fresh", env=restarting)
+    assert "epoch 1/2" in output and "epoch 2/2" in output
+    assert [(s["restart"], s["resumed_from"] and Path(s["resumed_from"]).name) for s in starts(out)] == [
+        ("0", None),
+        ("1", "ckpt-00000004.pt"),
+    ]
+
+
+@pytest.mark.timeout(400)
+def test_precise_bn_on_a_finished_run_redoes_only_the_final_step(tmp_path):
+    out = tmp_path / "run"
+    torchrun(out)
+    checkpoint = (out / "ckpt-00000004.pt").read_bytes()
+    _, output = torchrun(out, "--precise-bn", 3)
+    assert "training is complete (step 4)" in output and "epoch 1/1" not in output
+    assert "precise BN over 6 batches (3 per rank)" in output
+    assert (out / "ckpt-00000004.pt").read_bytes() == checkpoint and not (out / "ckpt-00000008.pt").exists()
+    metrics = json.loads((out / "metrics.json").read_text())
+    precise = metrics["precise_bn"]
+    assert precise["batches"] == 6 and precise["batches_per_rank"] == 3 and precise["seconds"] > 0
+    assert precise["held_out_accuracy_running_stats"] == metrics["history"][-1]["held_out_accuracy"]
+    assert metrics["complete"] == {"epochs": 1, "step": 4, "precise_bn": 3}
+    # final_model.pt: the checkpoint's weights with other running statistics.
+    trained = torch.load(out / "ckpt-00000004.pt", weights_only=True)["model"]
+    final = torch.load(out / "final_model.pt", weights_only=True)
+    for key, value in trained.items():
+        same = torch.equal(final[key], value)
+        assert same != ("running_" in key), key
+    _, again = torchrun(out, "--precise-bn", 3)
+    assert "already holds this run, complete" in again
