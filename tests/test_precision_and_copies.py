@@ -26,6 +26,11 @@ try:
 except ImportError:  # torch < 2.6
     from torch.distributed._composable.fsdp import MixedPrecisionPolicy, fully_shard
 
+# torch < 2.6 runs FSDP2 on CUDA only ("FSDP requires CUDA for streams").
+CPU_FSDP2 = pytest.mark.skipif(
+    tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 6), reason="FSDP2 on CPU needs torch >= 2.6"
+)
+
 WORLD = 2
 HALF_TOL = {torch.bfloat16: dict(rtol=3e-2, atol=3e-2), torch.float16: dict(rtol=5e-3, atol=5e-3)}
 
@@ -110,6 +115,7 @@ def _fsdp2_mixed_precision_rank(rank, world, param_dtype, inputs, targets):
     return buffers, full
 
 
+@CPU_FSDP2
 @pytest.mark.parametrize("param_dtype", [torch.bfloat16, torch.float16])
 def test_fsdp2_mixed_precision_matches_float32_reference(param_dtype):
     inputs, targets = make_batch()

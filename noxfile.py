@@ -1,0 +1,54 @@
+"""The torch-version matrix: `nox` runs all three sessions, `nox -s models` one of them.
+
+* ``tests``: the pinned suite, exactly the README's test command (torch 2.13.0, CPU build).
+* ``models``: the newest torch this project's machines install (2.14.1, the CUDA build, which
+  runs on CPU) with torchvision and timm: the core equivalence tests plus the model-zoo tests.
+  torchvision's wheels import only with their matching CUDA build of torch, which is why the
+  model-zoo tests live here and skip in the pinned suite.
+* ``oldest``: the oldest torch ``pyproject.toml`` admits (``torch>=2.5``): the core tests.
+"""
+
+from __future__ import annotations
+
+import nox
+
+nox.options.sessions = ["tests", "models", "oldest"]
+nox.options.reuse_existing_virtualenvs = True
+
+TEST_TOOLS = ["pytest>=8", "pytest-xdist>=3.5", "pytest-timeout>=2.3"]
+CORE_TESTS = [
+    "tests/test_core.py",
+    "tests/test_convert.py",
+    "tests/test_ddp.py",
+    "tests/test_precision_and_copies.py",
+]
+NEWEST = {"torch": "2.14.1", "torchvision": "0.29.1"}
+OLDEST_TORCH = "2.5.1"
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """The pinned suite: the README's test command."""
+    session.install("-c", "constraints.txt", "-e", ".[dev]")
+    session.run("python", "-m", "pytest", "-n", "auto", *session.posargs)
+
+
+@nox.session
+def models(session: nox.Session) -> None:
+    """Newest torch with torchvision and timm: core equivalence and the model zoos."""
+    session.install(f"torch=={NEWEST['torch']}", f"torchvision=={NEWEST['torchvision']}", "timm", *TEST_TOOLS)
+    session.install("--no-deps", "-e", ".")
+    session.run("python", "-c", "import torch, torchvision, timm; print(torch.__version__, torchvision.__version__, timm.__version__)")
+    session.run("python", "-m", "pytest", "-n", "auto", *CORE_TESTS, "tests/test_models.py", *session.posargs)
+
+
+@nox.session
+def oldest(session: nox.Session) -> None:
+    """The oldest torch the project claims: the core tests."""
+    session.install(f"torch=={OLDEST_TORCH}", "numpy", *TEST_TOOLS)
+    session.install("--no-deps", "-e", ".")
+    session.run("python", "-c", "import torch; print(torch.__version__)")
+    session.run(
+        "python", "-m", "pytest", "-n", "auto", *CORE_TESTS, "tests/test_variants.py", "tests/test_sharded.py",
+        *session.posargs,
+    )  # fmt: skip
