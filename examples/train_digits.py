@@ -52,7 +52,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # syncnorm from
 from common import NORM_CHOICES, DigitsNet, load_digits  # noqa: E402
 
 import syncnorm  # noqa: E402
-from syncnorm.precise import precise_bn  # noqa: E402  (also syncnorm.precise_bn)
 
 CKPT_PREFIX, CKPT_SUFFIX = "ckpt-", ".pt"
 CKPT_FORMAT = 1
@@ -300,7 +299,7 @@ def recompute_batchnorm_statistics(
     device = images.device
     batches = epoch_batches(sampler, args.epochs, args.batch_size)
     started = time.perf_counter()
-    result = precise_bn(
+    result = syncnorm.precise_bn(
         model,
         batches,
         args.precise_bn,
