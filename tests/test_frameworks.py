@@ -1,0 +1,156 @@
+"""syncnorm under Lightning Fabric, Hugging Face Accelerate and Ray Train: real two-rank CPU runs (gloo).
+
+Each test runs ``tests/framework_job.py`` under the framework's own launcher (Fabric's script launcher,
+``accelerate launch``, a local Ray instance with ``TorchTrainer``), following the recipe of
+docs/frameworks.md, and compares what the ranks end with against a plain single-process float64
+``nn.BatchNorm`` model trained with the same optimiser on the same global batches: the concatenation,
+step by step, of the inputs the ranks report they trained on (and those are checked to be a disjoint
+split of the data set, so the framework really sharded it).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from framework_job import LR, MOMENTUM, STEPS, WORLD, make_data, make_model, norm_classes
+
+TESTS = Path(__file__).resolve().parent
+REPO = TESTS.parent
+JOB = TESTS / "framework_job.py"
+RUN_TIMEOUT_S = 240
+TIGHT = {"rtol": 1e-10, "atol": 1e-12}
+# Launchers read these to detect an outer launcher; a test run must not inherit them.
+_LAUNCHER_ENV = ("LOCAL_RANK", "RANK", "WORLD_SIZE", "NODE_RANK", "GROUP_RANK", "LOCAL_WORLD_SIZE", "MASTER_PORT")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_job(cmd: list[str], out: Path) -> str:
+    """Run one framework job; on timeout kill its whole process group (the other rank included)."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in _LAUNCHER_ENV and not k.startswith(("SLURM_", "ACCELERATE_", "RAY_ADDRESS", "TORCHELASTIC_"))
+    }
+    env.update(
+        MASTER_ADDR="127.0.0.1",
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=os.pathsep.join([str(REPO), str(TESTS)]),
+        RAY_USAGE_STATS_ENABLED="0",
+    )
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+    try:
+        output, _ = proc.communicate(timeout=RUN_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        pytest.fail(f"{' '.join(cmd)} did not finish in {RUN_TIMEOUT_S}s:\n{output[-4000:]}")
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed ({proc.returncode}):\n{output[-6000:]}"
+    return output
+
+
+def load_ranks(out: Path, framework: str) -> list[dict]:
+    return [torch.load(out / f"{framework}-rank{rank}.pt", weights_only=False) for rank in range(WORLD)]
+
+
+def global_batches(ranks: list[dict]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Step k's global batch: the ranks' step-k samples in rank order. They must split the data set exactly."""
+    data_x, data_y = make_data()
+    for rank, record in enumerate(ranks):
+        assert len(record["seen"]) == STEPS, f"rank {rank} took {len(record['seen'])} steps, not {STEPS}"
+    inputs = [torch.cat([record["seen"][step][0] for record in ranks]) for step in range(STEPS)]
+    targets = [torch.cat([record["seen"][step][1] for record in ranks]) for step in range(STEPS)]
+    # Every sample of the data set exactly once over all ranks and steps: a real, disjoint sharding.
+    rows = data_x.flatten(1)
+    order = [int(torch.nonzero((rows == row).all(1)).item()) for row in torch.cat(inputs).flatten(1)]
+    assert sorted(order) == list(range(len(data_x))), f"samples seen {order}"
+    assert torch.equal(torch.cat(targets), data_y[order])
+    return inputs, targets
+
+
+def single_process_state(inputs: list[torch.Tensor], targets: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Plain nn.BatchNorm model, float64, one process: the same SGD steps on the given batches."""
+    model = make_model().train()
+    assert norm_classes(model) == ["BatchNorm2d", "BatchNorm1d"]
+    optimiser = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
+    for x, y in zip(inputs, targets):
+        optimiser.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        optimiser.step()
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def check_against_single_process(ranks: list[dict], framework: str) -> None:
+    for rank, record in enumerate(ranks):
+        assert record["classes"] == ["SyncBatchNorm", "SyncBatchNorm"], f"rank {rank}: {record['classes']}"
+        assert record["wrapper"] == "DistributedDataParallel", f"rank {rank}: wrapped in {record['wrapper']}"
+        assert (record["world_size"], record["backend"]) == (WORLD, "gloo")
+        assert record["param_dtypes"] == ["torch.float64"]
+    inputs, targets = global_batches(ranks)
+    expected = single_process_state(inputs, targets)
+    # Control: rank 0's half of the batches alone, unsynchronised, gives other running statistics,
+    # so a run whose layers did not synchronise fails below.
+    half = len(ranks[0]["seen"][0][0])
+    local = single_process_state([x[:half] for x in inputs], [y[:half] for y in targets])
+    assert not torch.allclose(local["features.1.running_mean"], expected["features.1.running_mean"], atol=1e-3)
+
+    diffs = {"parameters": 0.0, "running statistics": 0.0}
+    for rank, record in enumerate(ranks):
+        state = record["state"]
+        assert state.keys() == expected.keys()
+        for name, tensor in state.items():
+            torch.testing.assert_close(tensor, expected[name], **TIGHT, msg=f"{framework} rank {rank} {name}")
+            kind = "running statistics" if "running" in name else "parameters" if "num_batches" not in name else None
+            if kind:
+                diffs[kind] = max(diffs[kind], float((tensor - expected[name]).abs().max()))
+        assert int(state["features.1.num_batches_tracked"]) == STEPS
+    for name, tensor in ranks[0]["state"].items():  # every rank holds the very same numbers
+        assert torch.equal(tensor, ranks[1]["state"][name]), f"{framework}: {name} differs between ranks"
+    print(f"\n{framework}: max |diff| vs one process, " + ", ".join(f"{k} {v:.3g}" for k, v in diffs.items()))
+
+
+def test_fabric_ddp_matches_single_process(tmp_path):
+    """Fabric(strategy="ddp", precision="64-true"), its script launcher, setup_dataloaders' DistributedSampler."""
+    pytest.importorskip("lightning_fabric", reason='Lightning Fabric is not installed (pip install "syncnorm[fabric]")')
+    run_job([sys.executable, str(JOB), "fabric", "--out", str(tmp_path)], tmp_path)
+    check_against_single_process(load_ranks(tmp_path, "fabric"), "fabric")
+
+
+def test_accelerate_matches_single_process(tmp_path):
+    """accelerate launch (torch elastic under the hood) of Accelerator(cpu=True): MULTI_CPU on gloo, sharded batches."""
+    pytest.importorskip("accelerate", reason='Accelerate is not installed (pip install "syncnorm[accelerate]")')
+    launcher = shutil.which("accelerate", path=os.path.dirname(sys.executable)) or shutil.which("accelerate")
+    assert launcher, "the accelerate package is installed but its `accelerate` command is not on PATH"
+    # `--cpu` would pick Accelerate's single-process (or mpirun) launcher; `--multi_gpu` is its torch
+    # elastic launcher, which starts the processes; the script's Accelerator(cpu=True) then joins them on gloo.
+    cmd = [launcher, "launch", "--multi_gpu", "--num_processes", str(WORLD), "--num_machines", "1"]
+    cmd += ["--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port())]
+    run_job([*cmd, str(JOB), "accelerate", "--out", str(tmp_path)], tmp_path)
+    ranks = load_ranks(tmp_path, "accelerate")
+    for record in ranks:
+        assert (record["distributed_type"], record["mixed_precision"]) == ("DistributedType.MULTI_CPU", "no")
+    check_against_single_process(ranks, "accelerate")
+
+
+def test_ray_train_matches_single_process(tmp_path):
+    """TorchTrainer with ScalingConfig(num_workers=2, use_gpu=False) on a local Ray instance the job starts and stops."""
+    pytest.importorskip("ray.train.torch", reason='Ray Train is not installed (pip install "syncnorm[ray]")')
+    run_job([sys.executable, str(JOB), "ray", "--out", str(tmp_path)], tmp_path)
+    ranks = load_ranks(tmp_path, "ray")
+    assert ranks[0]["pid"] != ranks[1]["pid"]  # two worker processes, not one
+    check_against_single_process(ranks, "ray")
