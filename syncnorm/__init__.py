@@ -17,7 +17,7 @@ from .collectives import (
 from .convert import convert_sync_batchnorm, register_conversion, revert_sync_batchnorm
 from .guard import SyncNormNonFiniteError
 from .modules import SyncBatchNorm, SyncBatchNormAct2d
-from .precise import precise_bn
+from .precise import PreciseBNResult, PreciseBNWarning, precise_bn
 from .variants import LayerNorm2d, SyncInstanceNorm1d, SyncInstanceNorm2d, SyncInstanceNorm3d, get_norm
 
 __version__ = "0.1.0"
@@ -38,6 +38,8 @@ __all__ = [
     "functional",
     "group_size",
     "new_sync_groups",
+    "PreciseBNResult",
+    "PreciseBNWarning",
     "precise_bn",
     "register_conversion",
     "resolve_group",

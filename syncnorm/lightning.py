@@ -51,7 +51,7 @@ except ModuleNotFoundError as no_pl:
             raise
         raise _missing_lightning() from no_pl
 
-__all__ = ["SyncNormCallback", "SyncNormDriftWarning", "SyncNormPlugin"]
+__all__ = ["PreciseBNCallback", "SyncNormCallback", "SyncNormDriftWarning", "SyncNormPlugin"]
 
 
 class SyncNormDriftWarning(UserWarning):
@@ -380,3 +380,6 @@ def _checksums(layers: list[SyncBatchNorm]) -> torch.Tensor:
         weights = 1.0 + torch.arange(mean.numel(), dtype=torch.float64, device=mean.device) / max(mean.numel(), 1)
         values += [torch.dot(weights, mean), torch.dot(weights, var)]
     return torch.stack(values)
+
+
+from .lightning_precise import PreciseBNCallback  # noqa: E402  (syncnorm.lightning.PreciseBNCallback)
