@@ -1,12 +1,13 @@
 """Real two-rank CPU runs under Lightning Fabric, Hugging Face Accelerate and Ray Train (for tests/test_frameworks.py).
 
-    python tests/framework_job.py fabric --out DIR                        (Fabric's own launcher re-runs it for rank 1)
-    accelerate launch --cpu --num_processes 2 tests/framework_job.py accelerate --out DIR
-    python tests/framework_job.py ray --out DIR                           (starts and stops a local Ray instance)
+    python tests/framework_job.py fabric --out DIR              (Fabric's own launcher re-runs it for rank 1)
+    accelerate launch --multi_gpu --num_processes 2 --mixed_precision no \
+        tests/framework_job.py accelerate [--mixed-precision bf16] --out DIR
+    python tests/framework_job.py ray --out DIR                 (starts and stops a local Ray instance)
 
 Each run follows the recipe of docs/frameworks.md: ``syncnorm.convert_sync_batchnorm(model)`` before the
 framework wraps the model, the framework's own data sharding (DistributedSampler or Accelerate's batch
-sharding) and its own backward. A float64 ``FrameworkNet`` takes ``STEPS`` SGD steps with momentum, and each
+sharding) and its own backward. A float64 ``FrameworkNet`` (float32 under bf16 autocast) takes ``STEPS`` SGD steps with momentum, and each
 rank saves to ``DIR/<framework>-rank{r}.pt`` the inputs it trained on, its state after training and what the
 framework made of the model, so the test can retrain a plain single-process model on the same global batches.
 This file is a script, not a test module: pytest does not collect it.
@@ -72,9 +73,10 @@ def make_data() -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
-def loader() -> DataLoader:
+def loader(dtype: torch.dtype = torch.float64) -> DataLoader:
     """The loader a user writes for one process; each framework shards it."""
-    return DataLoader(TensorDataset(*make_data()), batch_size=BATCH_PER_RANK, shuffle=False)
+    x, y = make_data()
+    return DataLoader(TensorDataset(x.to(dtype), y), batch_size=BATCH_PER_RANK, shuffle=False)
 
 
 def norm_classes(model: nn.Module) -> list[str]:
@@ -135,16 +137,25 @@ def run_fabric(out: Path) -> None:
 # --- Hugging Face Accelerate -------------------------------------------------------------------
 
 
-def run_accelerate(out: Path) -> None:
+def run_accelerate(out: Path, mixed_precision: str) -> None:
     from accelerate import Accelerator
 
     torch.set_num_threads(1)
-    accelerator = Accelerator(cpu=True)  # under `accelerate launch --cpu` or torchrun: MULTI_CPU on gloo
-    model = syncnorm.convert_sync_batchnorm(make_model())  # before accelerator.prepare wraps it in DDP
+    # Launched by `accelerate launch --multi_gpu` (torch elastic) or torchrun: MULTI_CPU on gloo.
+    accelerator = Accelerator(cpu=True, mixed_precision=mixed_precision)
+    # CPU autocast leaves float64 alone: mixed precision runs start from float32.
+    dtype = torch.float64 if mixed_precision == "no" else torch.float32
+    model = syncnorm.convert_sync_batchnorm(make_model().to(dtype))  # before accelerator.prepare wraps it in DDP
     optimiser = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
-    wrapped, optimiser, batches = accelerator.prepare(model, optimiser, loader())  # batches: sharded per rank
+    wrapped, optimiser, batches = accelerator.prepare(model, optimiser, loader(dtype))  # batches: sharded per rank
+    norm_inputs: list[str] = []
+    model.features[1].register_forward_pre_hook(lambda layer, args: norm_inputs.append(str(args[0].dtype)))
     seen = train_steps(wrapped, optimiser, batches, accelerator.backward)
-    extra = {"distributed_type": str(accelerator.distributed_type), "mixed_precision": accelerator.mixed_precision}
+    extra = {
+        "distributed_type": str(accelerator.distributed_type),
+        "mixed_precision": accelerator.mixed_precision,
+        "norm_input_dtypes": sorted(set(norm_inputs)),
+    }
     record(out, "accelerate", accelerator.process_index, accelerator.unwrap_model(wrapped), wrapped, seen, **extra)
     accelerator.wait_for_everyone()
     accelerator.end_training()
@@ -177,15 +188,17 @@ def run_ray(out: Path) -> None:
     # A private instance ("local": never join a cluster another test or user started), as small as
     # the job: two CPUs for the two workers, no dashboard, a minimal object store.
     temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # Ray's socket paths must stay short
-    # Workers import syncnorm from this checkout, as the driver does (sys.path above).
-    source = os.pathsep.join(str(p) for p in (Path(__file__).resolve().parent.parent, Path(__file__).resolve().parent))
+    # The local instance's processes inherit this environment: workers import syncnorm from this
+    # checkout, as the driver does (sys.path above), and run one thread each.
+    here = Path(__file__).resolve().parent
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(here.parent), str(here), os.environ.get("PYTHONPATH", "")])
+    os.environ["OMP_NUM_THREADS"] = "1"
     ray.init(
         address="local",
         num_cpus=WORLD,
         object_store_memory=80 * 1024**2,
         include_dashboard=False,
         _temp_dir=temp_dir,
-        runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "PYTHONPATH": source}},
         log_to_driver=True,
     )
     try:
@@ -207,9 +220,13 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("framework", choices=("fabric", "accelerate", "ray"))
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--mixed-precision", choices=("no", "bf16"), default="no", help="Accelerate only")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    {"fabric": run_fabric, "accelerate": run_accelerate, "ray": run_ray}[args.framework](args.out)
+    if args.framework == "accelerate":
+        run_accelerate(args.out, args.mixed_precision)
+    else:
+        {"fabric": run_fabric, "ray": run_ray}[args.framework](args.out)
 
 
 if __name__ == "__main__":
