@@ -7,9 +7,10 @@
 
 Each run follows the recipe of docs/frameworks.md: ``syncnorm.convert_sync_batchnorm(model)`` before the
 framework wraps the model, the framework's own data sharding (DistributedSampler or Accelerate's batch
-sharding) and its own backward. A float64 ``FrameworkNet`` (float32 under bf16 autocast) takes ``STEPS`` SGD steps with momentum, and each
-rank saves to ``DIR/<framework>-rank{r}.pt`` the inputs it trained on, its state after training and what the
-framework made of the model, so the test can retrain a plain single-process model on the same global batches.
+sharding) and its own backward. A float64 ``FrameworkNet`` (float32 under bf16 autocast) takes ``STEPS``
+SGD steps with momentum, and each rank saves to ``DIR/<framework>-rank{r}.pt`` the inputs it trained on,
+its state after training and what the framework made of the model, so the test can retrain a plain
+single-process model on the same global batches.
 This file is a script, not a test module: pytest does not collect it.
 """
 
