@@ -5,6 +5,15 @@ Everything that crosses a process boundary goes through :func:`all_reduce`
 an expired timeout always surfaces as a :class:`SyncNormCollectiveError` that
 names the layer and the rank, never as a bare backend error.
 
+On a CPU tensor (gloo) every collective also waits until the backend's worker
+thread has let go of the tensor (:func:`_wait_until_released`). Without that, a
+process that exits soon after a collective can abort ("terminate called without
+an active exception"): once Python has dropped a tensor that the worker still
+holds, the worker's release must take the GIL, and a thread that asks for the
+GIL while the interpreter is finalizing is ended mid-C++-frame, which calls
+``std::terminate``. Lightning's last step is syncnorm's: the callback's final
+health check, a few milliseconds before the process exits.
+
 Process groups travel into the custom ops (see ``functional.py``) by *name*:
 a ``ProcessGroup`` object cannot be an argument of a ``torch.library`` op, a
 string can, and torch keeps a registry from group names back to groups.
@@ -13,6 +22,8 @@ string can, and torch keeps a registry from group names back to groups.
 from __future__ import annotations
 
 import os
+import time
+from collections import deque
 from typing import Any, Optional, Union
 
 import torch
@@ -42,6 +53,11 @@ class SyncNormCollectiveError(RuntimeError):
 
 class SyncNormMismatchError(RuntimeError):
     """The ranks disagreed about which layer they are at, or about its inputs."""
+
+
+# Reported (repr, tracebacks, pickles) under the path the docs and users write.
+SyncNormCollectiveError.__module__ = "syncnorm"
+SyncNormMismatchError.__module__ = "syncnorm"
 
 
 def _is_device_mesh(obj: object) -> bool:
@@ -114,6 +130,52 @@ def new_sync_groups(group_size: int) -> dist.ProcessGroup:
     return mine
 
 
+# How long a collective waits for gloo's worker to let go of its tensor. The worker does that
+# right after finishing the collective; only a descheduled worker takes longer.
+_RELEASE_WAIT_S = 2.0
+# Tensors a worker still held when the wait ran out: kept alive here, so that the worker's
+# release never is the last reference (which would need the GIL; see the module docstring).
+_still_held: deque = deque(maxlen=64)
+
+
+def _wait_until_released(tensor: torch.Tensor, baseline: int) -> None:
+    """Return once no backend thread holds ``tensor`` any more (its use count is back at ``baseline``)."""
+    if tensor._use_count() <= baseline:
+        return
+    deadline = time.monotonic() + _RELEASE_WAIT_S
+    while tensor._use_count() > baseline:
+        if time.monotonic() > deadline:
+            _still_held.append(tensor)
+            return
+        os.sched_yield()
+
+
+def _waits_for_release(tensor: torch.Tensor) -> bool:
+    # CPU tensors go through gloo (or MPI), whose collectives have finished when the call
+    # returns: the wait is for the worker's bookkeeping only. CUDA collectives (NCCL) return
+    # at enqueue; waiting there would wait for the GPU.
+    return tensor.device.type == "cpu" and hasattr(tensor, "_use_count")
+
+
+def check_hint() -> str:
+    """What a collective failure message adds so the user can find the rank that went wrong."""
+    if not check_enabled():
+        return (
+            " Ranks that call different collectives (a rank in eval mode, a skipped layer or backward, "
+            "another channel count or dtype) end like this: run every rank with SYNCNORM_CHECK=1 "
+            "(or syncnorm.set_check(True)) to have them named."
+        )
+    return (
+        " The guard (SYNCNORM_CHECK=1) is on, and no guard report came first: the other ranks were not "
+        "in a syncnorm collective, but in another one (your own, a framework's, DistributedDataParallel's "
+        "gradient all_reduce) or in none (stuck, dead, or past their last one). Under "
+        "DistributedDataParallel the guard checks at the start of every forward, before DDP's buffer "
+        "broadcast; if DDP was wrapped in another module or called through something else, construct it "
+        "with forward_sync_buffers=False (broadcast_buffers=False on torch < 2.13) so that no DDP "
+        "collective runs before the layers' own guard checks. See docs/troubleshooting.md."
+    )
+
+
 def all_reduce(
     tensor: torch.Tensor,
     group: dist.ProcessGroup,
@@ -122,7 +184,12 @@ def all_reduce(
     what: str,
     op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM,
 ) -> torch.Tensor:
-    """In-place all_reduce that names the syncnorm layer when it fails."""
+    """In-place all_reduce that names the syncnorm layer when it fails.
+
+    On CPU it returns only once the backend no longer holds ``tensor`` (see the module docstring).
+    """
+    wait = _waits_for_release(tensor)
+    baseline = tensor._use_count() if wait else 0
     try:
         dist.all_reduce(tensor, op=op, group=group)
     except Exception as err:  # backend errors have no common base class
@@ -130,22 +197,27 @@ def all_reduce(
             f"syncnorm: the {what} all_reduce of layer '{layer}' failed on rank "
             f"{dist.get_rank()} (group of {dist.get_world_size(group)}): a peer may have died, "
             f"skipped this layer, or the process group's timeout expired. "
-            f"Backend said: {type(err).__name__}: {err}"
-            + ("" if check_enabled() else " (run with SYNCNORM_CHECK=1 to have ranks that disagree named)")
+            f"Backend said: {type(err).__name__}: {err}." + check_hint()
         ) from err
+    if wait:
+        _wait_until_released(tensor, baseline)
     return tensor
 
 
 def all_gather_rows(row: torch.Tensor, group: dist.ProcessGroup, *, layer: str, what: str) -> torch.Tensor:
     """Gather one small row per rank; used only on error paths to name the ranks."""
     rows = [torch.empty_like(row) for _ in range(dist.get_world_size(group))]
+    wait = _waits_for_release(row)
+    baselines = [t._use_count() for t in [row, *rows]] if wait else []
     try:
         dist.all_gather(rows, row, group=group)
     except Exception as err:
         raise SyncNormCollectiveError(
             f"syncnorm: the {what} all_gather of layer '{layer}' failed on rank {dist.get_rank()}: "
-            f"{type(err).__name__}: {err}"
+            f"{type(err).__name__}: {err}." + check_hint()
         ) from err
+    for tensor, baseline in zip([row, *rows], baselines):
+        _wait_until_released(tensor, baseline)
     return torch.stack(rows)
 
 
