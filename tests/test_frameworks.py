@@ -129,7 +129,9 @@ def check_against_single_process(
         for name, tensor in state.items():
             assert tensor.dtype == (torch.int64 if "num_batches" in name else dtype), f"{name}: {tensor.dtype}"
             reference = expected[name].to(tensor.dtype)
-            torch.testing.assert_close(tensor, reference, **tolerance, msg=f"{framework} rank {rank} {name}")
+            torch.testing.assert_close(
+                tensor, reference, **tolerance, msg=lambda m, r=rank, n=name: f"{framework} rank {r} {n}: {m}"
+            )
             kind = "running statistics" if "running" in name else "parameters" if "num_batches" not in name else None
             if kind:
                 diffs[kind] = max(diffs[kind], float((tensor.double() - expected[name]).abs().max()))
