@@ -19,25 +19,45 @@ payload, which is float64: if a guard call meets a statistics collective
 (the switch differs between ranks) the backend fails loudly instead of
 mixing the two.
 
+Under DistributedDataParallel the layers' own checks are not the first
+collectives of a step: DDP broadcasts the buffers before each forward (its
+default ``forward_sync_buffers=True``, ``broadcast_buffers`` before torch 2.13)
+and all-reduces gradient buckets during backward, often before the last
+synchronised layer's backward runs. A rank that skipped ``backward()`` would
+then meet another rank's backward with DDP's broadcast, not with a guard
+check, and all ranks would wait out the process-group timeout. So the first
+guarded call inside a DDP forward (over the same process group) adds two more
+checks to that DDP module (:class:`_DDPStepGuard`): one at the start of every
+forward, before DDP's broadcast, and one at the start of every backward through
+its first output, before any gradient bucket. With those, a skipped backward is
+named under DDP's defaults as well; see ``docs/troubleshooting.md`` for the
+cases that stay outside any layer's reach.
+
 Cost: one extra all_reduce of 15 int32 values per synchronised call, plus a
-device-to-host read of its result (a sync on CUDA); see the README's "Failure
-behaviour" section for measured numbers. With the guard on, eval-mode calls
-take part as well (that is how a rank left in eval mode is caught), so every
-rank must then run the same evaluation batches.
+device-to-host read of its result (a sync on CUDA), and two per step under DDP;
+see the README's "Failure behaviour" section for measured numbers. With the
+guard on, eval-mode calls take part as well (that is how a rank left in eval
+mode is caught), so every rank must then run the same evaluation batches.
 """
 
 from __future__ import annotations
 
+import weakref
 import zlib
 from collections import Counter
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils._pytree import tree_leaves
 
 from .collectives import SyncNormCollectiveError, SyncNormMismatchError, all_gather_rows, all_reduce
 
 __all__ = [
     "KIND_BACKWARD",
+    "KIND_DDP_BACKWARD",
+    "KIND_DDP_FORWARD",
     "KIND_FORWARD",
     "KIND_RUNNING_STATS",
     "SyncNormCollectiveError",
@@ -50,10 +70,16 @@ __all__ = [
 KIND_FORWARD = 1
 KIND_BACKWARD = 2
 KIND_RUNNING_STATS = 3
+KIND_DDP_FORWARD = 4  # the start of a DDP forward, before DDP's buffer broadcast
+KIND_DDP_BACKWARD = 5  # the start of a backward through a DDP output, before its gradient buckets
 _KIND_NAMES = {
     KIND_FORWARD: "forward statistics",
     KIND_BACKWARD: "backward gradient sums",
     KIND_RUNNING_STATS: "running statistics",
+}
+_STEP_NAMES = {
+    KIND_DDP_FORWARD: "the start of a DistributedDataParallel forward (before DDP's buffer broadcast)",
+    KIND_DDP_BACKWARD: "the start of a backward through DistributedDataParallel (before its gradient all_reduce)",
 }
 _DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 _MAGIC = 0x5C4E0B  # lets a report tell a guard row from some other collective's data
@@ -64,6 +90,9 @@ _INT31 = 0x7FFFFFFF  # hashes are kept non-negative in int32 so that negating th
 
 class SyncNormNonFiniteError(FloatingPointError, RuntimeError):
     """The synchronised statistics contain NaN or Inf."""
+
+
+SyncNormNonFiniteError.__module__ = "syncnorm"
 
 
 def _hash31(text: str) -> int:
@@ -83,6 +112,8 @@ def _fingerprint(layer: str, channels: int, dtype: torch.dtype, training: bool, 
 def _describe(row: list[int]) -> str:
     if row[0] != _MAGIC:
         return "not in a syncnorm guard (its collective met another kind of collective)"
+    if row[5] in _STEP_NAMES:
+        return _STEP_NAMES[row[5]]
     name = bytes(b for b in row[_FIELDS:] if b > 0).decode("utf-8", "replace")
     dtype = _DTYPES[row[3]] if 0 <= row[3] < len(_DTYPES) else f"dtype code {row[3]}"
     kind = _KIND_NAMES.get(row[5], f"kind {row[5]}")
@@ -104,10 +135,15 @@ def verify_consistency(group: dist.ProcessGroup, layer: str, input: torch.Tensor
     The fingerprint is the layer name, ``training``, ``kind`` and the input's channel
     count, dtype and number of dims. Every rank must call this at the same point (it is
     a collective); the error on each rank names its own layer, the ranks that differ
-    from the majority, and what every rank was doing.
+    from the majority, and what every rank was doing. Called inside a DDP forward, it
+    also arms that DDP module's step checks (:class:`_DDPStepGuard`).
     """
+    _DDPStepGuard.arm(group, input.device)
     fingerprint = _fingerprint(layer, input.shape[1], input.dtype, training, kind, input.dim())
-    device = input.device
+    _verify(group, layer, fingerprint, input.device)
+
+
+def _verify(group: dist.ProcessGroup, layer: str, fingerprint: list[int], device: torch.device) -> None:
     # [f, -f, 0]: the trailing 0 makes the count odd (see the module docstring).
     pair = torch.tensor(fingerprint + [-v for v in fingerprint] + [0], dtype=torch.int32, device=device)
     all_reduce(pair, group, layer=layer, what="consistency-guard", op=dist.ReduceOp.MAX)
@@ -120,12 +156,79 @@ def verify_consistency(group: dist.ProcessGroup, layer: str, input: torch.Tensor
     ranks = dist.get_process_group_ranks(group)
     reference, differing = _odd_ranks_out([tuple(r[:_FIELDS]) for r in rows], ranks)
     lines = "\n".join(f"  rank {rank}: {_describe(r)}" for rank, r in zip(ranks, rows))
+    kinds = {r[5] for r in rows if r[0] == _MAGIC}
+    skipped = (
+        "A rank that starts a forward while others are in a backward skipped backward() (or ran it on "
+        "another loss) in the step before. "
+        if kinds & {KIND_FORWARD, KIND_DDP_FORWARD} and kinds & {KIND_BACKWARD, KIND_DDP_BACKWARD}
+        else ""
+    )
+    where = f"at layer '{layer}'" if fingerprint[5] not in _STEP_NAMES else f"at {_STEP_NAMES[fingerprint[5]]}"
     raise SyncNormMismatchError(
-        f"syncnorm: ranks disagree at layer '{layer}' (where rank {dist.get_rank()} is); "
-        f"ranks {differing} differ from rank {reference}:\n{lines}\n"
+        f"syncnorm: ranks disagree {where} (where rank {dist.get_rank()} is); "
+        f"ranks {differing} differ from rank {reference}:\n{lines}\n{skipped}"
         "Every rank must call the same synchronised layers in the same order, in the same "
         "train/eval mode, with the same channel count and dtype, and run backward on all of them."
     )
+
+
+class _DDPStepGuard:
+    """Guard checks at the start of each forward and backward of one DistributedDataParallel module.
+
+    Installed on a DDP module by the first guarded syncnorm call inside its forward, when DDP
+    and the layer use the same process group. Both checks run only while armed, that is when
+    the previous forward of this DDP module ran a guarded syncnorm call: every rank that ran
+    the same steps makes the same decision. The forward check is a forward pre-hook, so it runs
+    before DDP's own pre-forward buffer broadcast (and is skipped when DDP will not broadcast);
+    the backward check is a gradient hook on the first output that requires grad, so it runs
+    before any parameter gradient, hence before any of DDP's gradient buckets.
+    """
+
+    _installed: weakref.WeakKeyDictionary[DistributedDataParallel, _DDPStepGuard] = weakref.WeakKeyDictionary()
+
+    def __init__(self, ddp: DistributedDataParallel, device: torch.device) -> None:
+        self.device = device
+        self.armed = False
+        ddp.register_forward_pre_hook(self._before_forward)
+        ddp.register_forward_hook(self._after_forward)
+
+    @classmethod
+    def arm(cls, group: dist.ProcessGroup, device: torch.device) -> None:
+        ddp = getattr(DistributedDataParallel, "_active_ddp_module", None)
+        if ddp is None or getattr(ddp, "process_group", None) is not group:
+            return
+        step_guard = cls._installed.get(ddp)
+        if step_guard is None:
+            step_guard = cls._installed[ddp] = cls(ddp, device)
+        step_guard.armed = True
+
+    def _check(self, ddp: DistributedDataParallel, kind: int) -> None:
+        _verify(ddp.process_group, "DistributedDataParallel", [_MAGIC, 0, 0, 0, 1, kind, 0], self.device)
+
+    @torch.compiler.disable
+    def _before_forward(self, ddp: DistributedDataParallel, args: Any) -> None:
+        if self.armed:
+            self.armed = False  # armed again by the guarded calls of this forward
+            will_sync = getattr(ddp, "will_sync_module_buffers", None)
+            if will_sync is None or will_sync():
+                self._check(ddp, KIND_DDP_FORWARD)
+
+    @torch.compiler.disable
+    def _after_forward(self, ddp: DistributedDataParallel, args: Any, output: Any) -> None:
+        if not (self.armed and torch.is_grad_enabled()):
+            return
+        first: Optional[torch.Tensor] = next(
+            (t for t in tree_leaves(output) if isinstance(t, torch.Tensor) and t.requires_grad), None
+        )
+        if first is not None:
+            ddp_ref = weakref.ref(ddp)
+
+            def before_backward(grad: torch.Tensor) -> None:
+                module = ddp_ref()
+                if module is not None:
+                    self._check(module, KIND_DDP_BACKWARD)
+
+            first.register_hook(before_backward)
 
 
 def verify_finite(

@@ -109,8 +109,23 @@ class SyncNormPlugin(LayerSync):
         return convert_sync_batchnorm(model, self.sync_group())
 
     def revert(self, model: nn.Module) -> nn.Module:
-        """Turn the synchronised layers back into the BatchNorm classes they were converted from."""
-        return revert_sync_batchnorm(model)
+        """Turn the synchronised layers back into the BatchNorm classes they were converted from.
+
+        Also destroys the ``group_size`` groups this plugin built (they belong to syncnorm, and
+        no layer uses them any more), so that their gloo threads are gone before the process
+        exits; the next ``apply`` builds new ones.
+        """
+        reverted = revert_sync_batchnorm(model)
+        self._destroy_built_groups()
+        return reverted
+
+    def _destroy_built_groups(self) -> None:
+        built, self._built = self._built, None
+        if built is None or not (dist.is_available() and dist.is_initialized()) or built[0] is not dist.group.WORLD:
+            return  # nothing built, or its default group is gone (destroying that destroyed ours too)
+        group = built[1]
+        if group is not None and group != dist.GroupMember.NON_GROUP_MEMBER:
+            dist.destroy_process_group(group)  # local: waits for this rank's pending work only
 
     def __getstate__(self) -> dict:
         # ddp_spawn pickles the trainer into the workers; process groups do not pickle and
