@@ -3,6 +3,8 @@
 #
 # Usage:  launch/torchrun_local.sh NPROC SCRIPT [ARGS...]
 #   e.g.  launch/torchrun_local.sh 2 examples/train_digits.py --epochs 3 --out runs/digits
+#   PYTHON=/path/to/venv/bin/python launch/torchrun_local.sh ...   picks the interpreter (default:
+#   python when it imports torch, else python3)
 #
 # torchrun --standalone runs its own rendezvous on a free local port, so several runs can share
 # a machine. Environment knobs (all optional):
@@ -10,11 +12,12 @@
 #                     train_digits.py resumes from its newest checkpoint on restart)
 #   OMP_NUM_THREADS   threads per process (default: CPU cores / NPROC, at least 1)
 #   SYNCNORM_BACKEND  gloo|nccl; default chosen by the training script (nccl on CUDA, gloo on CPU)
-#   PYTHON            interpreter that has torch installed (default: python3)
+#   PYTHON            interpreter that has torch installed (default: python when it imports torch,
+#                     else python3); the script stops with a message if it has no torch
 set -euo pipefail
 
 usage() {
-    sed -n '2,5p' "$0" | sed 's/^# \{0,1\}//' >&2
+    sed -n '2,7p' "$0" | sed 's/^# \{0,1\}//' >&2
     exit 2
 }
 
@@ -27,8 +30,9 @@ shift
 # shellcheck source=launch/_env.sh
 source "$(dirname "${BASH_SOURCE[0]}")/_env.sh"
 set_launch_env "$nproc_per_node"
+pick_python
 
-exec "${PYTHON:-python3}" -m torch.distributed.run \
+exec "$LAUNCH_PYTHON" -m torch.distributed.run \
     --standalone \
     --nnodes 1 \
     --nproc-per-node "$nproc_per_node" \

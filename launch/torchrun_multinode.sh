@@ -4,6 +4,8 @@
 # Usage:  launch/torchrun_multinode.sh [OPTIONS] SCRIPT [ARGS...]
 #   e.g.  NNODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.1 MASTER_PORT=29500 NPROC_PER_NODE=4 \
 #             launch/torchrun_multinode.sh examples/train_digits.py --out /shared/runs/digits
+#   PYTHON=/path/to/venv/bin/python picks the interpreter (default: python when it imports torch,
+#   else python3)
 #
 # Settings come from the environment, or from the matching option (options win):
 #   NNODES          --nnodes N            number of nodes (default 1)
@@ -18,14 +20,16 @@
 #   RDZV_TIMEOUT    --rdzv-timeout S      seconds to wait for all nodes to join (default 600)
 #   OMP_NUM_THREADS                       threads per worker (default: CPU cores / P, at least 1)
 #   SYNCNORM_BACKEND                      gloo|nccl; default chosen by the training script
-#   PYTHON                                interpreter that has torch installed (default python3)
+#   PYTHON                                interpreter that has torch installed (default: python when
+#                                         it imports torch, else python3); stops with a message if
+#                                         it has no torch
 # Rendezvous is c10d (torch's TCP store on MASTER_ADDR:MASTER_PORT); ranks are assigned when all
 # NNODES agents have joined, and again after every restart, so rank 0 may move to another node:
 # give train_digits.py an --out on a filesystem that all nodes share.
 set -euo pipefail
 
 usage() {
-    sed -n '2,6p' "$0" | sed 's/^# \{0,1\}//' >&2
+    sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//' >&2
     exit 2
 }
 
@@ -72,8 +76,9 @@ fi
 # shellcheck source=launch/_env.sh
 source "$(dirname "${BASH_SOURCE[0]}")/_env.sh"
 set_launch_env "$nproc_per_node"
+pick_python
 
-exec "${PYTHON:-python3}" -m torch.distributed.run \
+exec "$LAUNCH_PYTHON" -m torch.distributed.run \
     --nnodes "$nnodes" \
     --nproc-per-node "$nproc_per_node" \
     --rdzv-backend c10d \

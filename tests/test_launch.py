@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import socket
@@ -248,6 +249,72 @@ def test_launch_scripts_reject_bad_usage_before_starting_anything():
         )
         assert proc.returncode != 0, command
         assert message in proc.stderr, (command, proc.stderr)
+        if message == "Usage":
+            assert "PYTHON=/path/to/venv/bin/python" in proc.stderr, proc.stderr  # the usage text names PYTHON
+
+
+# A two-rank job that says which interpreter stub started it (the stubs export their name).
+PROBE = """
+import os, sys
+import torch.distributed as dist
+dist.init_process_group("gloo")
+print(f"rank {dist.get_rank()} of {dist.get_world_size()} via {os.environ.get('STUB_NAME', 'no stub')}|")
+dist.barrier()
+dist.destroy_process_group()
+"""
+
+
+def interpreter_stubs(folder: Path, **with_torch: bool) -> str:
+    """``python``/``python3`` stand-ins in ``folder``: this interpreter, or this one without site-packages (no torch).
+
+    Returns a PATH that finds them first.
+    """
+    folder.mkdir()
+    for name, has_torch in with_torch.items():
+        flags = "" if has_torch else " -S"  # -S: no site-packages, so no torch
+        (folder / name).write_text(f'#!/usr/bin/env bash\nSTUB_NAME={name} exec {sys.executable}{flags} "$@"\n')
+        (folder / name).chmod(0o755)
+    return f"{folder}:{os.environ['PATH']}"
+
+
+def env_without_python(path: str, **extra: str) -> dict[str, str]:
+    env = base_env(PATH=path)
+    del env["PYTHON"]
+    env.update(extra)
+    return env
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize(
+    "python_has_torch, expected",
+    [(True, "python"), (False, "python3")],
+    ids=["python-has-torch", "only-python3-has-torch"],
+)
+def test_launch_uses_python_when_it_has_torch_else_python3(tmp_path, python_has_torch, expected):
+    """Without PYTHON: an activated venv's ``python`` wins over a system ``python3``; else ``python3``."""
+    path = interpreter_stubs(tmp_path / "bin", python=python_has_torch, python3=True)
+    probe = tmp_path / "probe.py"
+    probe.write_text(PROBE)
+    stdout, _ = run(["bash", LOCAL, 2, probe], env_without_python(path))
+    # Both ranks print at once: their lines may interleave.
+    assert sorted(re.findall(r"rank (\d) of 2 via ([^|]+)\|", stdout)) == [("0", expected), ("1", expected)], stdout
+
+
+def test_launch_without_torch_stops_with_a_message_naming_python(tmp_path):
+    path = interpreter_stubs(tmp_path / "bin", python=False, python3=False)
+    probe = tmp_path / "probe.py"
+    probe.write_text(PROBE)
+    cases = [
+        (["bash", LOCAL, 2, probe], env_without_python(path), "python3 from PATH (python: no torch)"),
+        (["bash", MULTINODE, probe], env_without_python(path), "python3 from PATH (python: no torch)"),
+        (["bash", LOCAL, 2, probe], env_without_python(path, PYTHON=str(tmp_path / "bin" / "python")), "PYTHON="),
+        (["bash", LOCAL, 2, probe], env_without_python(path, PYTHON="no-such-python"), "no interpreter"),
+    ]
+    for command, env, origin in cases:
+        proc = subprocess.run([str(c) for c in command], env=env, cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 2, (command, proc.stdout, proc.stderr)
+        assert origin in proc.stderr and "Set PYTHON to the" in proc.stderr, proc.stderr
+        assert "rank 0" not in proc.stdout  # stopped before torchrun started anything
 
 
 @pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not installed (apt-get install shellcheck)")
