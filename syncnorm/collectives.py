@@ -161,18 +161,18 @@ def check_hint() -> str:
     """What a collective failure message adds so the user can find the rank that went wrong."""
     if not check_enabled():
         return (
-            " Ranks that call different collectives (a rank in eval mode, a skipped layer or backward, "
-            "another channel count or dtype) end like this: run every rank with SYNCNORM_CHECK=1 "
-            "(or syncnorm.set_check(True)) to have them named."
+            " Ranks that call different collectives (a rank left in eval mode, a skipped layer or "
+            "backward(), another channel count or dtype) end like this, or in a bare gloo abort: run every "
+            "rank with SYNCNORM_CHECK=1 (or syncnorm.set_check(True)) to have them named. "
+            "See docs/troubleshooting.md."
         )
     return (
-        " The guard (SYNCNORM_CHECK=1) is on, and no guard report came first: the other ranks were not "
-        "in a syncnorm collective, but in another one (your own, a framework's, DistributedDataParallel's "
-        "gradient all_reduce) or in none (stuck, dead, or past their last one). Under "
-        "DistributedDataParallel the guard checks at the start of every forward, before DDP's buffer "
-        "broadcast; if DDP was wrapped in another module or called through something else, construct it "
-        "with forward_sync_buffers=False (broadcast_buffers=False on torch < 2.13) so that no DDP "
-        "collective runs before the layers' own guard checks. See docs/troubleshooting.md."
+        " The guard (SYNCNORM_CHECK=1) is on and found no disagreement first: the other ranks were not "
+        "in a syncnorm collective but in another one (your own, a framework's) or in none (stuck, dead, "
+        "or finished). The guard checks at the start of each DistributedDataParallel forward and "
+        "backward when DDP runs over the layers' process group; where DDP runs over another group, "
+        "construct it with forward_sync_buffers=False (broadcast_buffers=False on torch < 2.13) so that "
+        "its buffer broadcast cannot meet a guard check. See docs/troubleshooting.md."
     )
 
 

@@ -323,13 +323,19 @@ def test_peer_raising_mid_step_gives_a_named_collective_error(where):
     results = run_ranks(_raise_on_rank1, 2, where, expect_errors=True, timeout=TIMEOUT, pg_timeout=PG_TIMEOUT)
     _assert_error(results[1], "RuntimeError", "planted failure on rank 1")
     what = "forward statistics" if where == "forward" else "backward gradient"
-    _assert_error(results[0], "SyncNormCollectiveError", f"the {what} all_reduce of layer 'decoder.norm'", "rank 0")
+    _assert_error(
+        results[0],
+        "SyncNormCollectiveError",
+        f"the {what} all_reduce of layer 'decoder.norm'",
+        "rank 0",
+        "run every rank with SYNCNORM_CHECK=1",  # the guard is off here: the message points to it
+    )
 
 
 def test_killed_peer_gives_a_named_collective_error():
     results = run_ranks(_killed_before_layer, 2, expect_errors=True, timeout=TIMEOUT, pg_timeout=PG_TIMEOUT)
     _assert_error(results[1], "NoResult", "exited with code -9")
-    _assert_error(results[0], "SyncNormCollectiveError", "layer 'encoder.norm'", "failed on rank 0")
+    _assert_error(results[0], "SyncNormCollectiveError", "layer 'encoder.norm'", "failed on rank 0", "SYNCNORM_CHECK=1")
 
 
 def test_silent_peer_fails_the_others_at_the_process_group_timeout(tmp_path):
