@@ -126,7 +126,8 @@ def _forward_into(
     """Write act(BN(input)) into ``out`` (which may be ``input`` itself); return mean, var, count."""
     stats_dtype = _stats_dtype(input.dtype)
     if eval_mean is not None and eval_var is not None:
-        mean, var = eval_mean.to(stats_dtype), eval_var.to(stats_dtype)
+        # Copies: an op's outputs may not alias its inputs (the running buffers).
+        mean, var = eval_mean.to(stats_dtype, copy=True), eval_var.to(stats_dtype, copy=True)
         count = torch.full((), float(input.numel() // input.shape[1]), dtype=torch.float64, device=input.device)
     else:
         mean, var, count = _statistics(input, eps, group_name, layer, check)
