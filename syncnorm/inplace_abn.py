@@ -110,19 +110,10 @@ def _statistics(input: Tensor, eps: float, group_name: str, layer: str, check: b
 
 
 def _forward_into(
-    out: Tensor,
-    input: Tensor,
-    weight: Optional[Tensor],
-    bias: Optional[Tensor],
-    eval_mean: Optional[Tensor],
-    eval_var: Optional[Tensor],
-    eps: float,
-    activation: str,
-    activation_param: float,
-    group_name: str,
-    layer: str,
+    out: Tensor, input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eval_mean: Optional[Tensor],
+    eval_var: Optional[Tensor], eps: float, activation: str, activation_param: float, group_name: str, layer: str,
     check: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """Write act(BN(input)) into ``out`` (which may be ``input`` itself); return mean, var, count."""
     stats_dtype = _stats_dtype(input.dtype)
     if eval_mean is not None and eval_var is not None:
@@ -150,18 +141,10 @@ def _forward_into(
 
 @torch.library.custom_op("syncnorm::inplace_abn_forward", mutates_args=())
 def _forward_op(
-    input: Tensor,
-    weight: Optional[Tensor],
-    bias: Optional[Tensor],
-    eval_mean: Optional[Tensor],
-    eval_var: Optional[Tensor],
-    eps: float,
-    activation: str,
-    activation_param: float,
-    group_name: str,
-    layer: str,
+    input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eval_mean: Optional[Tensor],
+    eval_var: Optional[Tensor], eps: float, activation: str, activation_param: float, group_name: str, layer: str,
     check: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     output = torch.empty_like(input)
     mean, var, count = _forward_into(output, input, weight, bias, eval_mean, eval_var, eps,
                                      activation, activation_param, group_name, layer, check)  # fmt: skip
@@ -182,22 +165,10 @@ def _(input, weight, bias, eval_mean, eval_var, eps, activation, activation_para
 
 @torch.library.custom_op("syncnorm::inplace_abn_backward", mutates_args=())
 def _backward_op(
-    grad_output: Tensor,
-    output: Tensor,
-    weight: Optional[Tensor],
-    bias: Optional[Tensor],
-    mean: Tensor,
-    var: Tensor,
-    count: Tensor,
-    eps: float,
-    activation: str,
-    activation_param: float,
-    group_name: str,
-    layer: str,
-    check: bool,
-    training: bool,
-    input_needs_grad: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
+    grad_output: Tensor, output: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor, var: Tensor,
+    count: Tensor, eps: float, activation: str, activation_param: float, group_name: str, layer: str, check: bool,
+    training: bool, input_needs_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     ndim = output.dim()
     y = output.to(mean.dtype)
     dy = grad_output.to(mean.dtype)

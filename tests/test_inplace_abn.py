@@ -482,3 +482,31 @@ def test_fullgraph_compile_equals_eager_on_two_ranks():
         assert breaks == 0
         for eager_t, compiled_t in pairs:
             torch.testing.assert_close(compiled_t, eager_t, rtol=1e-9, atol=1e-10)
+
+
+def _guarded_rank(rank, world, x, eval_on_rank_one):
+    layer = InPlaceABN(x.shape[1], inplace=True, dtype=torch.float64)
+    layer.check = True
+    if eval_on_rank_one and rank == 1:
+        layer.eval()
+    try:
+        leaf = x.clone().requires_grad_()
+        out = layer(leaf * 1.0)
+        out.backward(torch.ones_like(out))
+        layer.eval()
+        return out.detach(), leaf.grad, layer(x)
+    except syncnorm.SyncNormMismatchError as err:
+        return str(err)
+
+
+def test_consistency_guard_passes_agreeing_ranks_and_names_a_rank_left_in_eval():
+    x = torch.randn(4, 3, 2, 2, dtype=torch.float64)
+    ref = make_reference(3, torch.ones(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64))
+    xr = torch.cat([x, x]).requires_grad_()
+    want = F.leaky_relu(ref(xr), 0.01)
+    want.backward(torch.ones_like(want))
+    for out, grad, _ in run_ranks(_guarded_rank, 2, x, False):
+        torch.testing.assert_close(out, want[:4].detach(), **TIGHT)
+        torch.testing.assert_close(grad, xr.grad[:4], **TIGHT)
+    for message in run_ranks(_guarded_rank, 2, x, True, timeout=60):
+        assert "ranks disagree" in message and "InPlaceABN#" in message and "eval mode" in message
