@@ -369,6 +369,8 @@ def test_state_dict_is_batchnorm2d_and_convert_leaves_it_alone():
     model = nn.Sequential(nn.Conv2d(3, 3, 1), abn, nn.BatchNorm2d(3))
     syncnorm.convert_sync_batchnorm(model)
     assert model[1] is abn and isinstance(model[2], syncnorm.SyncBatchNorm)
+    syncnorm.revert_sync_batchnorm(model)
+    assert model[1] is abn and type(model[2]) is nn.BatchNorm2d
     x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
     torch.testing.assert_close(abn.eval()(x), F.leaky_relu(bn.eval()(x), 0.01), **TIGHT)
 
@@ -510,3 +512,21 @@ def test_consistency_guard_passes_agreeing_ranks_and_names_a_rank_left_in_eval()
         torch.testing.assert_close(grad, xr.grad[:4], **TIGHT)
     for message in run_ranks(_guarded_rank, 2, x, True, timeout=60):
         assert "ranks disagree" in message and "InPlaceABN#" in message and "eval mode" in message
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_activation_checkpointing_gives_the_same_gradients_and_updates_running_stats_once(inplace):
+    from torch.utils.checkpoint import checkpoint
+
+    x = torch.randn(6, 4, 3, 3, dtype=torch.float64) * 2 + 1
+    results = []
+    for checkpointed in (False, True):
+        torch.manual_seed(1)
+        block = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), InPlaceABN(4, inplace=inplace)).double()
+        leaf = x.clone().requires_grad_()
+        out = checkpoint(block, leaf, use_reentrant=False) if checkpointed else block(leaf)
+        out.square().sum().backward()
+        results.append([leaf.grad, *(p.grad for p in block.parameters()), *block[1].buffers()])
+    assert int(results[1][-1]) == 1
+    for plain, checkpointed in zip(*results):
+        torch.testing.assert_close(checkpointed, plain, **TIGHT)
