@@ -141,18 +141,23 @@ def correctness_cases(world: int, quick: bool) -> list[dict]:
         add(layout, momentum=None)
     add("channels_last", "float64")
     add("nchw", sizes=[4] * world)
-    add("nc", sizes=[1] * world)  # one value per channel per rank: the edge of defect 5
+    # Ranks holding one value per channel (the edge of defect 5); at W=2 one rank holds 2, since the
+    # input gradient of a batch of exactly 2 values is identically zero (nothing to compare).
+    add("nc", sizes=[1] * world if world > 2 else [1, 2])
     add("nchw", sizes=[0] * (world - 1) + [6])
     return cases
 
 
 def _track(errors: dict, key: str, got: Tensor, want: Tensor) -> None:
-    """Largest |got - want| relative to the largest |want| (0 for an empty shard, inf for NaN)."""
+    """Largest |got - want| relative to the largest |want|, floored at 1e-3 (0 for an empty shard, inf for NaN).
+
+    The floor keeps a reference that is zero up to rounding (the gradient of a bias in front of
+    a BatchNorm, of a batch of 2) from turning float32 rounding into a large relative error."""
     want = want.detach().double().cpu()
     if want.numel() == 0:
         errors.setdefault(key, 0.0)
         return
-    diff = float((got.detach().double().cpu() - want).abs().max()) / max(float(want.abs().max()), 1e-6)
+    diff = float((got.detach().double().cpu() - want).abs().max()) / max(float(want.abs().max()), 1e-3)
     errors[key] = max(errors.get(key, 0.0), diff if diff == diff else float("inf"))
 
 
@@ -318,7 +323,8 @@ class TrainStep:
         self.y = torch.randint(0, 1000, (batch,), generator=gen).to(device)
 
     def forward_backward_update(self) -> Tensor:
-        with torch.autocast(self.device.type, dtype=torch.bfloat16):
+        # cache_enabled=False: autocast's cast cache must not outlive a CUDA-graph capture (torch's CUDA graph notes)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, cache_enabled=False):
             loss = F.cross_entropy(self.model(self.x), self.y)
         loss.backward()
         self.optimizer.step()
@@ -416,7 +422,7 @@ class CompileProbe(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.linear, self.bn1 = nn.Linear(6, 8), nn.BatchNorm1d(8)
+        self.linear, self.bn1 = nn.Linear(6, 8, bias=False), nn.BatchNorm1d(8)
         self.conv2, self.bn2 = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
         self.conv3, self.bn3 = nn.Conv3d(3, 4, 3, padding=1, bias=False), nn.BatchNorm3d(4)
 
@@ -579,6 +585,8 @@ def targets(sections: dict, cuda: bool) -> list[dict]:
         ratios = [(row["ratios"][key]["median"], row) for row in r["rows"] if key in row["ratios"]]
         if not ratios:
             return "no torch.nn.SyncBatchNorm rows (it needs CUDA)", None
+        if not r.get("standin_ok"):
+            return "stand-in check failed: the implementations did not compute the same numbers", None
         worst, row = max(ratios, key=lambda item: item[0])
         wins = sum(value <= 1.0 for value, _ in ratios)
         return (
@@ -687,10 +695,16 @@ def _details(key: str, r: dict) -> list[str]:
         for row in r["rows"]:
             ratio = row["ratios"].get("syncnorm / torch.nn.SyncBatchNorm")
             rows.append([row["dtype"], row["layout"], tuple(row["shape"]), *[f"{row['ms'][n]:.3f}" for n in impls],
-                         f"{row['ms']['copy']:.3f}", f"{row['copy_GBps']:.0f}", *[f"{100 * row['bandwidth_vs_copy'][n]:.0f}%" for n in impls],
+                         f"{row['ms']['copy']:.3f}", f"{row['copy_GBps']:.1f}", *[f"{100 * row['bandwidth_vs_copy'][n]:.0f}%" for n in impls],
                          f"{row['ratios']['syncnorm / nn.BatchNorm']['median']:.3f}", f"{ratio['median']:.3f}" if ratio else "-"])  # fmt: skip
-        checks = "; ".join(f"{n}: {e}" for n, e in r["standin_check"].items())
-        lines = [f"Stand-in check (each vs nn.BatchNorm on the local batch, max abs / max ref): {checks}", ""]
+        checks = "; ".join(
+            f"{n}: " + ", ".join(f"{k} {v:.1e}" for k, v in e.items()) for n, e in r["standin_check"].items()
+        )
+        verdict = "ok" if r.get("standin_ok") else "**FAILED: timings compare different computations**"
+        lines = [
+            f"Stand-in check, each vs nn.BatchNorm on the local batch (max abs / max ref), {verdict}: {checks}",
+            "",
+        ]
         lines += ["fwd+bwd per call, median of interleaved repetitions (CUDA events, no sync per call); ratios are medians "
                   "of per-repetition ratios; BW/copy = (8 x tensor bytes / t) / (2 x tensor bytes / t_copy)", ""]  # fmt: skip
         return lines + _table(header, rows) + (["", f"{r['skipped_rows']}"] if "skipped_rows" in r else [])
@@ -721,7 +735,7 @@ def markdown(meta: dict, target_rows: list[dict], sections: dict) -> str:
     lines += _table(["target", "measured", "result"], [[t["target"], t["measured"], t["result"]] for t in target_rows])
     lines += ["", "## Sections", ""]
     lines += _table(["section", "status", "seconds", "note"],
-                    [[f"{k}) {s['title']}", s["status"], s.get("seconds", ""), s.get("reason", s.get("error", ""))[:300]]
+                    [[f"{k}) {s['title']}", s["status"], s.get("seconds", ""), s.get("reason", s.get("error", s.get("note", "")))[:300]]
                      for k, s in sections.items()])  # fmt: skip
     for key, section in sections.items():
         lines += ["", f"## {key}) {section['title']}", "", f"status: {section['status']}", ""]

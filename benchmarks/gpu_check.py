@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
+import multiprocessing
 import os
 import sys
 import threading
@@ -131,15 +133,20 @@ class Run:
                 os.replace(path + ".tmp", path)
 
 
-def run_section(run: Run, key: str, body: Callable[[Run], dict]) -> None:
+def run_section(run: Run, key: str, body: Callable[[Run], dict], started: float | None = None) -> None:
+    """Run one section and record it.
+
+    ``started``: when a background section began (its seconds count from there). Such a section
+    is always joined, whatever budget is left: it is already running, and the watchdog bounds it.
+    """
     left = run.left_s()
-    if left < NEEDS_S[key] * (0.25 if not run.cuda else 1.0):
+    if started is None and left < NEEDS_S[key] * (0.25 if not run.cuda else 1.0):
         run.record(key, status="skipped", reason=f"budget: {left:.0f} s left, the section needs about {NEEDS_S[key]} s")
         print(f"== [{key}] SKIPPED: {left:.0f} s of budget left", flush=True)
         return
     print(f"== [{key}] {SECTIONS[key]}  ({left:.0f} s of budget left)", flush=True)
     run.record(key, status="running")
-    start = time.perf_counter()
+    start = time.perf_counter() if started is None else started
     try:
         result = body(run)
         run.sync()  # an asynchronous CUDA error belongs to this section
@@ -149,6 +156,9 @@ def run_section(run: Run, key: str, body: Callable[[Run], dict]) -> None:
         run.record(key, status="failed", seconds=round(time.perf_counter() - start, 1),
                    error=f"{type(err).__name__}: {err}", traceback=traceback.format_exc()[-4000:])  # fmt: skip
         traceback.print_exc()
+    gc.collect()  # the section's models and graphs go before the next one starts
+    if run.cuda:
+        torch.cuda.empty_cache()
     print(f"   [{key}] {run.sections[key]['status']} in {run.sections[key].get('seconds', 0)} s", flush=True)
 
 
@@ -173,8 +183,8 @@ def start_correctness(run: Run) -> Callable[[], dict]:
         thread.start()
 
     def join(run: Run) -> dict:
-        for thread in threads:
-            thread.join(max(1.0, run.left_s()))
+        for thread in threads:  # past the budget the watchdog ends the run: wait for it, not less
+            thread.join(max(1.0, run.left_s() + run.args.grace_s + 5.0))
         result: dict[str, Any] = {"worlds": {}}
         for world in (2, 4):
             ranks = outcomes.get(world, "still running when the budget ran out")
@@ -365,6 +375,7 @@ def section_layer_speed(run: Run) -> dict:
             parts._track(errors, "output", out, outs["nn.BatchNorm"][0])
             parts._track(errors, "grad_input", grad, outs["nn.BatchNorm"][1])
             result["standin_check"][name] = errors
+        result["standin_ok"] = all(max(e.values()) <= 1e-4 for e in result["standin_check"].values())
         for dtype in (torch.float32, torch.bfloat16):
             for layout in (torch.contiguous_format, torch.channels_last):
                 for shape in run.sizes["shapes"]:
@@ -443,10 +454,16 @@ def section_memory(run: Run) -> dict:
         "model": f"{depth} x (3x3 conv + norm), input {(batch, channels, height, width)} float32",
         "variants": {},
     }
-    if hasattr(syncnorm, "InPlaceABN"):
-        norms["syncnorm.InPlaceABN"] = lambda c: syncnorm.InPlaceABN(c)
-    else:
-        result["inplace_abn"] = "syncnorm.InPlaceABN does not exist in this checkout: baselines only"
+    inplace_abn = getattr(syncnorm, "InPlaceABN", None)
+    if inplace_abn is None:  # built but not exported yet: take it from its module
+        try:
+            from syncnorm.inplace_abn import InPlaceABN as inplace_abn
+        except ImportError:
+            result["inplace_abn"] = "syncnorm.InPlaceABN does not exist in this checkout: baselines only"
+    if inplace_abn is not None:
+        result["inplace_abn"] = f"{inplace_abn.__module__}.{inplace_abn.__qualname__}, default activation"
+        norms["syncnorm InPlaceABN"] = lambda c: inplace_abn(c)
+        norms["syncnorm InPlaceABN(inplace=True)"] = lambda c: inplace_abn(c, inplace=True)
     with run.standin.patched():
         for name, make in norms.items():
             try:
@@ -457,7 +474,7 @@ def section_memory(run: Run) -> dict:
                 ]
                 model = nn.Sequential(*blocks).to(run.device)
                 x = torch.randn(batch, channels, height, width, device=run.device, requires_grad=True)
-                entry: dict[str, Any] = {"repr": repr(blocks[1])[:200]}
+                entry: dict[str, Any] = {"repr": " ".join(repr(blocks[1]).split())[:200]}
                 model(x).sum().backward()  # warm-up: grads allocated, as in a training loop
                 entry["saved_for_backward_MiB"] = saved_tensor_bytes(model, x)["all"] / 2**20
                 if run.cuda:
@@ -509,6 +526,8 @@ def main() -> int:
                         status="killed", reason=f"the run passed budget + grace ({args.budget_s + args.grace_s:.0f} s)"
                     )
             run.write()
+        for child in multiprocessing.active_children():  # the correctness ranks, if still running
+            child.kill()
         print("gpu_check: WATCHDOG: budget + grace passed; report written, exiting", flush=True)
         os._exit(3)
 
@@ -534,12 +553,10 @@ def main() -> int:
             bodies_a = join_correctness
             join_correctness = None
             print("== [a] joining the correctness ranks", flush=True)
-            run_section(
-                run, "a", lambda run: dict(bodies_a(run), wall_s_since_start=round(time.perf_counter() - started, 1))
-            )
+            run_section(run, "a", bodies_a, started)
         run_section(run, key, bodies[key])
     if join_correctness is not None:
-        run_section(run, "a", join_correctness)
+        run_section(run, "a", join_correctness, started)
     watchdog.cancel()
     run.write()
     print(parts.summary(run.meta, parts.targets(run.sections, run.cuda), run.sections), flush=True)
