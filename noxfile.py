@@ -38,7 +38,11 @@ def models(session: nox.Session) -> None:
     """Newest torch with torchvision and timm: core equivalence and the model zoos."""
     session.install(f"torch=={NEWEST['torch']}", f"torchvision=={NEWEST['torchvision']}", "timm", *TEST_TOOLS)
     session.install("--no-deps", "-e", ".")
-    session.run("python", "-c", "import torch, torchvision, timm; print(torch.__version__, torchvision.__version__, timm.__version__)")
+    session.run(
+        "python",
+        "-c",
+        "import torch, torchvision, timm; print(torch.__version__, torchvision.__version__, timm.__version__)",
+    )
     session.run("python", "-m", "pytest", "-n", "auto", *CORE_TESTS, "tests/test_models.py", *session.posargs)
 
 
