@@ -16,6 +16,7 @@ from .collectives import (
 )
 from .convert import convert_sync_batchnorm, register_conversion, revert_sync_batchnorm
 from .guard import SyncNormNonFiniteError
+from .inplace_abn import InPlaceABN, InPlaceABNSync
 from .modules import SyncBatchNorm, SyncBatchNormAct2d
 from .precise import PreciseBNResult, PreciseBNWarning, precise_bn
 from .variants import LayerNorm2d, SyncInstanceNorm1d, SyncInstanceNorm2d, SyncInstanceNorm3d, get_norm
@@ -28,6 +29,8 @@ __all__ = [
     "SyncInstanceNorm2d",
     "SyncInstanceNorm3d",
     "get_norm",
+    "InPlaceABN",
+    "InPlaceABNSync",
     "SyncBatchNorm",
     "SyncBatchNormAct2d",
     "SyncNormCollectiveError",

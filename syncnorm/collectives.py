@@ -237,6 +237,7 @@ def set_check(enabled: Optional[bool]) -> None:
 
 
 def check_enabled() -> bool:
+    """Whether the rank-consistency and non-finite guard is on: ``set_check``'s value, else ``SYNCNORM_CHECK``."""
     if _check_override is not None:
         return _check_override
     return os.environ.get("SYNCNORM_CHECK", "0") not in ("", "0", "false", "False")

@@ -69,7 +69,7 @@ def register_conversion(cls: type, to_sync: ToSync, to_plain: Optional[ToPlain] 
     is moved into it, see :func:`rebuild_as`) or a callable ``(module, process_group) ->
     new_module``. ``to_plain`` is what :func:`revert_sync_batchnorm` does with the converted
     layer: a class to rebuild it as, or a callable ``(layer) -> module``; ``None`` rebuilds
-    it as ``cls``. Example, for a BatchNorm subclass that adds a residual in ``forward``::
+    it as ``cls``. Example, for a BatchNorm subclass that adds a residual in ``forward``:
 
         class SyncResidualBN(syncnorm.SyncBatchNorm):
             def forward(self, x):

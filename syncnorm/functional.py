@@ -8,15 +8,19 @@ kernel, which is what lets a model with synchronised BatchNorm compile with
 ``fullgraph=True``. The process group goes in by name (``collectives.py``).
 
 Forward, per channel, with n_r the rank's element count:
+
     local:   mean_r, var_r           (torch's native statistics kernel)
     reduce:  [n, sum x, sum x^2] = [n_r, n_r mean_r, n_r (var_r + mean_r^2)]  in float64
     global:  mean = sum x / n,  var = sum x^2 / n - mean^2   (biased)
     output:  (x - mean) / sqrt(var + eps) * weight + bias     (torch's native kernel)
+
 Backward, with x_hat = (x - mean) / sqrt(var + eps):
+
     reduce:  [sum dy, sum dy * x_hat]  (local sums from torch's native kernel)
     dx = weight / sqrt(var + eps) * (dy - sum dy / n - x_hat * sum(dy * x_hat) / n)
     d weight = sum_local dy * x_hat,  d bias = sum_local dy   (each rank's share;
     DDP's gradient averaging then treats them like any other parameter)
+
 
 float64 accumulation of the per-rank terms keeps the variance right when the mean
 is large next to the standard deviation; each rank's own statistics come from
@@ -106,6 +110,7 @@ def batch_norm_stats(input: Tensor) -> tuple[Tensor, Tensor]:
     """Per-channel mean and biased variance of an (N, C, *) tensor, in float64.
 
     Two routes, both stable when the mean is large next to the spread:
+
     * large contiguous (N, C, *spatial) input on CPU: subtract a per-channel shift (the
       mean of the first sample's positions, which is close to the channel mean), then
       float32 sums of the shifted values and their squares. This is 5-10x faster than

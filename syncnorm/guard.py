@@ -35,7 +35,7 @@ cases that stay outside any layer's reach.
 
 Cost: one extra all_reduce of 15 int32 values per synchronised call, plus a
 device-to-host read of its result (a sync on CUDA), and two per step under DDP;
-see the README's "Failure behaviour" section for measured numbers. With the
+see ``docs/failure-behaviour.md`` for measured numbers. With the
 guard on, eval-mode calls take part as well (that is how a rank left in eval
 mode is caught), so every rank must then run the same evaluation batches.
 """

@@ -9,14 +9,18 @@ output, so this halves what the pair saves. In plain PyTorch (CPU and CUDA), as
 
 Forward (statistics exactly as :func:`syncnorm.functional.sync_batch_norm`: one float64
 all_reduce of ``[n, n mean, n (var + mean^2)]``, none in eval or outside torch.distributed):
+
     z = gamma' (x - mean) / sqrt(var + eps) + beta,   y = act(z)
+
 Backward, from y alone:
+
     z = act^-1(y)      leaky_relu: y / slope where y < 0;  elu: log1p(y / alpha) where y < 0
     dz = dy * act'(z)  in terms of y: slope, resp. y + alpha, where y <= 0; 1 elsewhere
     x_hat = (z - beta) / gamma'
     reduce: [sum dz, sum dz * x_hat]  (2C values, one all_reduce)
     dx = gamma' / sqrt(var + eps) * (dz - sum dz / n - x_hat * sum(dz x_hat) / n)
     d gamma = sum_local dz * x_hat,  d beta = sum_local dz
+
 
 The tiny-gamma rule: gamma' is gamma with its magnitude floored at ``eps`` and its sign kept
 (+eps for 0). Wherever |gamma| >= eps (every trained BatchNorm checkpoint in practice) the

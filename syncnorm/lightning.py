@@ -190,7 +190,9 @@ class SyncNormCallback(pl.Callback):
             or ``"raise"`` (:class:`syncnorm.SyncNormMismatchError` on every rank).
         tolerance: largest ``syncnorm/max_drift`` still treated as identical. Synchronised
             statistics are bitwise equal on every rank, so anything above rounding noise is a fault.
-        process_group, group_size: the group to convert with, as for :class:`SyncNormPlugin`.
+        process_group: the group to convert with, as for :class:`SyncNormPlugin`.
+        group_size: synchronise within blocks of this many consecutive ranks, as for
+            :class:`SyncNormPlugin`.
     """
 
     def __init__(
