@@ -12,9 +12,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -22,6 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from framework_job import LR, MOMENTUM, STEPS, WORLD, make_data, make_model, norm_classes
+from harness import free_port, launcher_free_env, run_command
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
@@ -31,39 +29,15 @@ TIGHT = {"rtol": 1e-10, "atol": 1e-12}
 # bfloat16 keeps 8 significant bits (relative rounding 2**-8): after three steps the bf16 run is within
 # 1e-2 of float64; an unsynchronised run is more than 0.1 away in its running statistics.
 BF16 = {"rtol": 2e-2, "atol": 2e-2}
-# Launchers read these to detect an outer launcher; a test run must not inherit them.
-_LAUNCHER_ENV = ("LOCAL_RANK", "RANK", "WORLD_SIZE", "NODE_RANK", "GROUP_RANK", "LOCAL_WORLD_SIZE", "MASTER_PORT")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def run_job(cmd: list[str], out: Path) -> str:
-    """Run one framework job; on timeout kill its whole process group (the other rank included)."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in _LAUNCHER_ENV and not k.startswith(("SLURM_", "ACCELERATE_", "RAY_ADDRESS", "TORCHELASTIC_"))
-    }
-    env.update(
-        MASTER_ADDR="127.0.0.1",
-        OMP_NUM_THREADS="1",
-        PYTHONPATH=os.pathsep.join([str(REPO), str(TESTS)]),
-        RAY_USAGE_STATS_ENABLED="0",
+    """Run one framework job; on timeout kill its whole process tree (the other rank included)."""
+    env = launcher_free_env(
+        MASTER_ADDR="127.0.0.1", PYTHONPATH=os.pathsep.join([str(REPO), str(TESTS)]), RAY_USAGE_STATS_ENABLED="0"
     )
-    proc = subprocess.Popen(
-        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
-    )
-    try:
-        output, _ = proc.communicate(timeout=RUN_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
-        pytest.fail(f"{' '.join(cmd)} did not finish in {RUN_TIMEOUT_S}s:\n{output[-4000:]}")
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed ({proc.returncode}):\n{output[-6000:]}"
+    returncode, output = run_command(cmd, timeout=RUN_TIMEOUT_S, env=env)
+    assert returncode == 0, f"{' '.join(cmd)} failed ({returncode}):\n{output[-6000:]}"
     return output
 
 
@@ -155,7 +129,7 @@ def accelerate_launch(out: Path, mixed_precision: str) -> list[dict]:
     # `--cpu` would pick Accelerate's single-process (or mpirun) launcher; `--multi_gpu` is its torch
     # elastic launcher, which starts the processes; the script's Accelerator(cpu=True) then joins them on gloo.
     cmd = [launcher, "launch", "--multi_gpu", "--num_processes", str(WORLD), "--num_machines", "1"]
-    cmd += ["--mixed_precision", mixed_precision, "--dynamo_backend", "no", "--main_process_port", str(_free_port())]
+    cmd += ["--mixed_precision", mixed_precision, "--dynamo_backend", "no", "--main_process_port", str(free_port())]
     run_job([*cmd, str(JOB), "accelerate", "--mixed-precision", mixed_precision, "--out", str(out)], out)
     ranks = load_ranks(out, "accelerate")
     for record in ranks:

@@ -9,8 +9,6 @@ because every run costs seconds of interpreter and Lightning start-up.
 from __future__ import annotations
 
 import os
-import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -24,7 +22,7 @@ import torch.nn.functional as F
 pytest.importorskip("pytorch_lightning")
 
 import pytorch_lightning as pl  # noqa: E402
-from harness import RankError, run_ranks  # noqa: E402
+from harness import RankError, free_port, launcher_free_env, run_command, run_ranks  # noqa: E402
 from lightning_job import EVAL_SHARD, TRAIN_SHARDS, TinyNet, make_data, shard  # noqa: E402
 from pytorch_lightning.utilities.exceptions import MisconfigurationException  # noqa: E402
 
@@ -36,41 +34,16 @@ JOB = Path(__file__).resolve().parent / "lightning_job.py"
 RUN_TIMEOUT_S = 240
 STATS_KEYS = ("net.1.running_mean", "net.1.running_var", "net.5.running_mean", "net.5.running_var")
 TIGHT = {"rtol": 1e-10, "atol": 1e-12}
-# Lightning reads these to detect an outer launcher; a test run must not inherit them.
-_LAUNCHER_ENV = (
-    "LOCAL_RANK",
-    "RANK",
-    "WORLD_SIZE",
-    "NODE_RANK",
-    "GROUP_RANK",
-    "LOCAL_WORLD_SIZE",
-    "TORCHELASTIC_RUN_ID",
-)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def run_job(out: Path, *args: str, expect_success: bool = True) -> subprocess.CompletedProcess:
-    """Run lightning_job.py on two ranks; kill the whole process group (rank 1 included) on timeout."""
-    env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_ENV and not k.startswith("SLURM_")}
-    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    """Run lightning_job.py on two ranks; kill the whole process tree (rank 1 included) on timeout."""
     cmd = [sys.executable, str(JOB), "--out", str(out), *args]
-    proc = subprocess.Popen(
-        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
-    )
-    try:
-        output, _ = proc.communicate(timeout=RUN_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
-        pytest.fail(f"{' '.join(cmd)} did not finish in {RUN_TIMEOUT_S}s:\n{output[-4000:]}")
+    env = launcher_free_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    returncode, output = run_command(cmd, timeout=RUN_TIMEOUT_S, env=env)
     if expect_success:
-        assert proc.returncode == 0, f"{' '.join(cmd)} failed ({proc.returncode}):\n{output[-6000:]}"
-    return subprocess.CompletedProcess(cmd, proc.returncode, output)
+        assert returncode == 0, f"{' '.join(cmd)} failed ({returncode}):\n{output[-6000:]}"
+    return subprocess.CompletedProcess(cmd, returncode, output)
 
 
 def load_ranks(out: Path, prefix: str = "fit") -> list[dict]:

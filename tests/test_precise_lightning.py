@@ -9,10 +9,6 @@ dropout off) and compared with what the callback left in the model.
 from __future__ import annotations
 
 import csv
-import os
-import signal
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -22,6 +18,7 @@ import torch.nn.functional as F
 
 pytest.importorskip("pytorch_lightning")
 
+from harness import free_port, launcher_free_env, run_command  # noqa: E402
 from precise_lightning_job import BATCH, EPOCHS, NUM_BATCHES, make_data, shard  # noqa: E402
 
 from syncnorm.lightning_precise import PreciseBNCallback  # noqa: E402
@@ -30,37 +27,13 @@ REPO = Path(__file__).resolve().parent.parent
 JOB = Path(__file__).resolve().parent / "precise_lightning_job.py"
 RUN_TIMEOUT_S = 240
 TIGHT = dict(rtol=1e-10, atol=1e-12)
-_LAUNCHER_ENV = (
-    "LOCAL_RANK",
-    "RANK",
-    "WORLD_SIZE",
-    "NODE_RANK",
-    "GROUP_RANK",
-    "LOCAL_WORLD_SIZE",
-    "TORCHELASTIC_RUN_ID",
-)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def run_job(out: Path) -> str:
-    env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_ENV and not k.startswith("SLURM_")}
-    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     cmd = [sys.executable, str(JOB), "--out", str(out)]
-    proc = subprocess.Popen(
-        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
-    )
-    try:
-        output, _ = proc.communicate(timeout=RUN_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
-        pytest.fail(f"{' '.join(cmd)} did not finish in {RUN_TIMEOUT_S}s:\n{output[-4000:]}")
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed ({proc.returncode}):\n{output[-6000:]}"
+    env = launcher_free_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    returncode, output = run_command(cmd, timeout=RUN_TIMEOUT_S, env=env)
+    assert returncode == 0, f"{' '.join(cmd)} failed ({returncode}):\n{output[-6000:]}"
     return output
 
 

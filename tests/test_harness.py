@@ -1,0 +1,64 @@
+"""The job runner of tests/harness.py: a timed-out job leaves no process behind.
+
+torchrun starts every worker in a session of its own, so killing the launcher's process group
+(what the tests did before) leaves the workers running, holding the output pipe open: the test
+then blocks on it until pytest-timeout (seen in CI). ``kill_tree`` kills by descent instead.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+from harness import kill_tree, launcher_free_env, run_command
+
+SLEEPER = "import os, pathlib, time; pathlib.Path(os.environ['PIDS'], str(os.getpid())).touch(); time.sleep(600)"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has ended
+    except FileNotFoundError:
+        return False
+
+
+def test_kill_tree_ends_torchrun_workers_that_run_in_sessions_of_their_own(tmp_path):
+    script = tmp_path / "sleeper.py"
+    script.write_text(SLEEPER)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script)]
+    proc = subprocess.Popen(
+        cmd, env=launcher_free_env(PIDS=str(tmp_path)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while len(workers := [int(p.name) for p in tmp_path.iterdir() if p.name.isdigit()]) < 2:
+        assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()[0][-3000:]
+        time.sleep(0.2)
+    assert all(os.getsid(pid) == pid for pid in workers)  # each worker leads a session: killpg would miss it
+    kill_tree(proc.pid)
+    proc.communicate(timeout=30)  # the pipe closes: nobody holds it any more
+    deadline = time.monotonic() + 10
+    while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [pid for pid in workers if _alive(pid)]
+
+
+def test_run_command_fails_a_job_that_overruns_with_its_output():
+    cmd = [sys.executable, "-c", "print('started', flush=True); import time; time.sleep(600)"]
+    started = time.monotonic()
+    with pytest.raises(pytest.fail.Exception, match=r"did not finish in 3 s[\s\S]*started"):
+        run_command(cmd, timeout=3)
+    assert time.monotonic() - started < 30
+
+
+def test_run_command_returns_code_and_output_without_launcher_variables():
+    env = launcher_free_env()
+    assert not {"RANK", "LOCAL_RANK", "MASTER_PORT"} & env.keys()
+    code, output = run_command(
+        [sys.executable, "-c", "import os, sys; print(os.environ.get('RANK')); sys.exit(3)"], timeout=60
+    )
+    assert (code, output.strip()) == (3, "None")
