@@ -30,9 +30,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import os
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -50,8 +47,6 @@ JOBS = (
     "torchrun-raw",
 )
 RUN_TIMEOUT_S = 300
-# Lightning and torchrun read these to detect an outer launcher; a run must not inherit them.
-_LAUNCHER_ENV = ("LOCAL_RANK", "RANK", "WORLD_SIZE", "NODE_RANK", "GROUP_RANK", "LOCAL_WORLD_SIZE")
 
 
 def _lightning_job(variant: str) -> None:
@@ -124,36 +119,26 @@ def _torchrun_job(variant: str) -> None:
     # The script ends here, like many training scripts: no barrier, no destroy_process_group.
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _run_once(job: str, syncnorm_path: Path, workdir: Path) -> tuple[int, str]:
-    env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_ENV and not k.startswith("TORCHELASTIC_")}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(syncnorm_path), PYTHONUNBUFFERED="1")
-    env.pop("SYNCNORM_CHECK", None)
+    sys.path.insert(0, str(ROOT / "tests"))
+    from harness import free_port, kill_tree, launcher_free_env  # the tests' job runner: kills whole trees
+
+    env = launcher_free_env(PYTHONPATH=str(syncnorm_path))
     family, variant = job.split("-", 1)
     script = [str(Path(__file__).resolve()), "--worker", job, "--syncnorm-path", str(syncnorm_path)]
     if family == "lightning":
-        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
         command = [sys.executable, *script]
     else:
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *script]
     proc = subprocess.Popen(
-        command,
-        cwd=workdir,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
+        command, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         start_new_session=True,
-    )
+    )  # fmt: skip
     try:
         output, _ = proc.communicate(timeout=RUN_TIMEOUT_S)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        kill_tree(proc.pid)  # torchrun's workers lead sessions of their own: killpg would miss them
         output, _ = proc.communicate()
         return -999, output
     return proc.returncode, output
