@@ -15,6 +15,7 @@ from .collectives import (
     set_check,
 )
 from .convert import convert_sync_batchnorm, register_conversion, revert_sync_batchnorm
+from .fuse import FusionReport, fuse_inplace_abn
 from .guard import SyncNormNonFiniteError
 from .inplace_abn import InPlaceABN, InPlaceABNSync
 from .modules import SyncBatchNorm, SyncBatchNormAct2d
@@ -39,6 +40,8 @@ __all__ = [
     "check_enabled",
     "convert_sync_batchnorm",
     "functional",
+    "FusionReport",
+    "fuse_inplace_abn",
     "group_size",
     "new_sync_groups",
     "PreciseBNResult",
