@@ -1,6 +1,11 @@
 """Train DigitsNet on the scikit-learn digits with syncnorm.SyncBatchNorm under torchrun (or plain python).
 
     launch/torchrun_local.sh 2 examples/train_digits.py --epochs 3 --out runs/digits
+    python examples/train_digits.py --compare --nproc 2 --batch-size 2 --epochs 3 --out runs/digits
+
+The second line (examples/compare_digits.py) trains three runs into runs/digits/{sync,local,single}
+and plots them together: syncnorm and per-rank BatchNorm at per-rank batch 2, and one process on
+the same global batch. What follows describes one run.
 
 Each rank takes its DistributedSampler share of the training split, DDP averages the gradients and
 ``--norm sync`` normalises every BatchNorm over the global batch. What this script adds to a plain loop:
@@ -13,7 +18,8 @@ Each rank takes its DistributedSampler share of the training split, DDP averages
 * ``--precise-bn N``: before the final evaluation, :func:`syncnorm.precise_bn` replaces the running
   statistics with the population statistics of N training batches per rank (all ranks together);
   the held-out accuracy is reported with both, and ``final_model.pt`` holds the precise ones;
-* at the end, rank 0 writes ``metrics.json``, ``metrics.png`` and ``final_model.pt`` to ``--out``.
+* at the end, rank 0 writes ``metrics.json``, ``metrics.png`` (examples/plots.py) and
+  ``final_model.pt`` to ``--out`` (the run folder's files: examples/run_state.py).
   Rerunning a finished run with the same ``--out`` says so, names its outputs and exits 0 without
   training (it only redoes the final step if the outputs are missing or ``--precise-bn`` changed);
   ``--fresh`` (or a new ``--out``) trains again from scratch. A run that did not finish resumes.
@@ -29,11 +35,10 @@ group can connect with the previous attempt's addresses and fail (pytorch/pytorc
 from __future__ import annotations
 
 import argparse
+import gc
 import inspect
-import json
 import os
 import random
-import signal
 import sys
 import time
 from pathlib import Path
@@ -50,14 +55,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # examples/common.py
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # syncnorm from a source checkout
 
 from common import NORM_CHOICES, DigitsNet, load_digits  # noqa: E402
+from run_state import (  # noqa: E402
+    CKPT_FORMAT,
+    RESUME_KEYS,
+    atomic_save,
+    clear_run,
+    completion_record,
+    finished_run_message,
+    load_newest_checkpoint,
+    log_event,
+    maybe_crash,
+    process_started_at,
+    save_checkpoint,
+    write_metrics,
+)
 
 import syncnorm  # noqa: E402
-
-CKPT_PREFIX, CKPT_SUFFIX = "ckpt-", ".pt"
-CKPT_FORMAT = 1
-CRASH_MARKER = ".crash-injected"
-# Settings that must match for a checkpoint to be resumable: they fix the data order and the math.
-RESUME_KEYS = ("norm", "batch_size", "world_size", "seed", "lr", "momentum", "limit_batches")
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -138,54 +151,21 @@ def epoch_batches(sampler: DistributedSampler, epoch: int, batch_size: int) -> l
     return [indices[i : i + batch_size] for i in range(0, len(indices) - batch_size + 1, batch_size)]
 
 
-# ---------------------------------------------------------------- checkpoints
+def leave_group() -> None:
+    """Wait for every rank, then destroy the process group, without the gloo shutdown hang.
 
-
-def checkpoint_files(out: Path) -> list[Path]:
-    """Checkpoints in ``out``, newest (highest step) first."""
-    found = []
-    for path in out.glob(f"{CKPT_PREFIX}*{CKPT_SUFFIX}"):
-        step = path.name[len(CKPT_PREFIX) : -len(CKPT_SUFFIX)]
-        if step.isdigit():
-            found.append((int(step), path))
-    return [path for _, path in sorted(found, reverse=True)]
-
-
-def atomic_save(obj: Any, path: Path) -> None:
-    """Write ``obj`` (torch.save, or a str as text) so that ``path`` is absent, old or complete, never partial."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        if isinstance(obj, str):
-            f.write(obj.encode())
-        else:
-            torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def load_newest_checkpoint(out: Path) -> Optional[dict]:
-    """The newest checkpoint in ``out`` that loads and is complete; corrupt ones are skipped with a warning."""
-    for path in checkpoint_files(out):
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-            if not isinstance(state, dict) or state.get("format") != CKPT_FORMAT:
-                raise ValueError("not a train_digits checkpoint")
-            missing = {"config", "epoch", "batches_done", "step", "model", "optimizer"} - state.keys()
-            if missing:
-                raise ValueError(f"missing {sorted(missing)}")
-        except Exception as exc:  # a truncated zip, a foreign file: any of them means "not usable"
-            print(f"WARNING: skipping unreadable checkpoint {path}: {type(exc).__name__}: {exc}", file=sys.stderr)
-            continue
-        state["path"] = str(path)
-        return state
-    return None
-
-
-def save_checkpoint(out: Path, keep: int, state: dict) -> None:
-    atomic_save(state, out / f"{CKPT_PREFIX}{state['step']:08d}{CKPT_SUFFIX}")
-    for old in checkpoint_files(out)[keep:]:
-        old.unlink(missing_ok=True)
+    A finished gloo Work is dropped by gloo's worker thread, and with it the tensors of the
+    collectives before it, which needs the GIL; the group's destructor joins that thread while it
+    holds the GIL. When the thread had not dropped the barrier yet, both waited forever (3 of 65
+    two-rank ``--epochs 0`` runs on a loaded 2-core machine; none of 80 since). So this holds the
+    barrier's Work until the group is gone, which makes this thread the one that frees them. The
+    group must really go: call this once the DDP wrapper (its reducer holds the group too) is freed.
+    """
+    work = dist.barrier(async_op=True)
+    work.wait()
+    gc.collect()  # anything left in a reference cycle that holds the group
+    dist.destroy_process_group()
+    del work
 
 
 def broadcast_state(state: Any, distributed: bool) -> Any:
@@ -195,71 +175,6 @@ def broadcast_state(state: Any, distributed: bool) -> Any:
     box = [state]
     dist.broadcast_object_list(box, src=0)
     return box[0]
-
-
-OUTPUTS = ("metrics.json", "metrics.png", "final_model.pt")
-
-
-def completion_record(state: dict, precise_bn: int) -> dict:
-    """What metrics.json records about a finished run, to recognise it when it is run again."""
-    return {"epochs": state["epoch"], "step": state["step"], "precise_bn": precise_bn}
-
-
-def finished_run_message(out: Path, state: Optional[dict], config: dict, args: argparse.Namespace) -> Optional[str]:
-    """A message when ``out`` holds this run complete (trained and its outputs written), else None."""
-    if state is None or state["epoch"] < args.epochs or state["batches_done"] != 0:
-        return None  # nothing yet, or training still to do: start or resume
-    if any(state["config"].get(k) != config[k] for k in RESUME_KEYS):
-        return None  # another run's checkpoints: the resume check below says so
-    try:
-        recorded = json.loads((out / "metrics.json").read_text()).get("complete")
-    except (OSError, ValueError):
-        return None
-    if recorded != completion_record(state, args.precise_bn) or not all((out / name).exists() for name in OUTPUTS):
-        return None  # trained, but the outputs are missing or were made otherwise: redo the final step only
-    return (
-        f"{out} already holds this run, complete (epochs: {state['epoch']}, step {state['step']}); its outputs are "
-        + ", ".join(str(out / name) for name in OUTPUTS)
-        + ". Nothing to do: pass --fresh to train again from scratch, or use a new --out."
-    )
-
-
-def clear_run(out: Path) -> None:
-    """--fresh: remove what an earlier run left in ``out`` (only this script's own files)."""
-    for path in [*out.glob(f"{CKPT_PREFIX}*{CKPT_SUFFIX}"), *(out / name for name in (*OUTPUTS, "events.jsonl"))]:
-        path.unlink(missing_ok=True)
-
-
-def log_event(out: Path, **event: Any) -> None:
-    with open(out / "events.jsonl", "a") as f:
-        f.write(json.dumps({"time": time.time(), **event}) + "\n")
-
-
-def process_started_at() -> Optional[float]:
-    """When this process was created (Linux /proc; None elsewhere): splits a restart's cost into parts."""
-    try:
-        uptime = float(open("/proc/uptime").read().split()[0])  # seconds since boot, 10 ms resolution
-        ticks = int(open("/proc/self/stat").read().rsplit(")", 1)[1].split()[19])  # field 22: start time
-        return time.time() - (uptime - ticks / os.sysconf("SC_CLK_TCK"))
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def maybe_crash(out: Path, step: int, rank: int, world_size: int) -> None:
-    """Test hook: SIGKILL this worker once at the configured step (see the module docstring)."""
-    crash_at = os.environ.get("SYNCNORM_EXAMPLE_CRASH_AT_STEP")
-    if not crash_at or int(crash_at) != step:
-        return
-    if rank != int(os.environ.get("SYNCNORM_EXAMPLE_CRASH_RANK", world_size - 1)):
-        return
-    out.mkdir(parents=True, exist_ok=True)
-    try:
-        fd = os.open(out / CRASH_MARKER, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
-        return  # already crashed once: the restarted run goes on
-    os.write(fd, json.dumps({"time": time.time(), "step": step, "rank": rank}).encode())
-    os.close(fd)
-    os.kill(os.getpid(), signal.SIGKILL)
 
 
 # ---------------------------------------------------------------- training
@@ -328,41 +243,6 @@ def recompute_batchnorm_statistics(
     return record
 
 
-def write_report(
-    out: Path, config: dict, history: list[dict], complete: Optional[dict] = None, precise_bn: Optional[dict] = None
-) -> None:
-    """metrics.json and metrics.png (loss and held-out accuracy per epoch)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    starts = []
-    if (out / "events.jsonl").exists():
-        starts = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines() if line.strip()]
-    final = history[-1] if history else {}
-    metrics = {"config": config, "history": history, "final": final, "events": starts}
-    if precise_bn is not None:
-        metrics["precise_bn"] = precise_bn
-    metrics["complete"] = complete
-    epochs = [h["epoch"] for h in history]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.5))
-    ax_loss.plot(epochs, [h["train_loss"] for h in history], "o-", label="train")
-    ax_loss.plot(epochs, [h["held_out_loss"] for h in history], "s--", label="held-out")
-    ax_loss.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
-    ax_loss.legend()
-    ax_acc.plot(epochs, [h["held_out_accuracy"] for h in history], "o-")
-    ax_acc.set(xlabel="epoch", ylabel="accuracy", title="held-out accuracy")
-    for ax in (ax_loss, ax_acc):
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    fig.suptitle(f"digits, norm={config['norm']}, {config['world_size']} x batch {config['batch_size']}")
-    fig.tight_layout()
-    fig.savefig(out / "metrics.png", dpi=100)
-    plt.close(fig)
-    atomic_save(json.dumps(metrics, indent=2), out / "metrics.json")  # last: its "complete" marks the run done
-
-
 class EpochLoss:
     """Mean training loss of an epoch over all ranks, summed across ranks only when it is needed.
 
@@ -394,7 +274,8 @@ class EpochLoss:
         return total / max(count, 1.0)
 
 
-def train(args: argparse.Namespace) -> None:
+def train(args: argparse.Namespace) -> bool:
+    """One run (or nothing, when ``--out`` holds it complete); True when it joined a process group."""
     rank, world_size, device = setup_distributed(args.device)
     distributed = dist.is_initialized()
     torch.use_deterministic_algorithms(True, warn_only=True)
@@ -424,10 +305,7 @@ def train(args: argparse.Namespace) -> None:
     if finished:
         if rank == 0:
             print(finished, flush=True)
-        if distributed:
-            dist.barrier()
-            dist.destroy_process_group()
-        return
+        return distributed
     epoch, batches_done, step, history = 0, 0, 0, []
     if state is not None:
         mismatch = {k: (state["config"][k], config[k]) for k in RESUME_KEYS if state["config"][k] != config[k]}
@@ -524,11 +402,10 @@ def train(args: argparse.Namespace) -> None:
     if rank == 0:
         atomic_save(model.state_dict(), out / "final_model.pt")
         complete = completion_record({"epoch": epoch, "step": step}, args.precise_bn)
-        write_report(out, config, history, complete=complete, precise_bn=precise)  # last: marks the run complete
+        # metrics.json last: its "complete" marks the run done
+        write_metrics(out, config, history, complete, precise, held_out_images=len(held_out))
         print(f"wrote {out / 'metrics.json'}, {out / 'metrics.png'} and {out / 'final_model.pt'}", flush=True)
-    if distributed:
-        dist.barrier()
-        dist.destroy_process_group()
+    return distributed
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -538,7 +415,8 @@ def main(argv: Optional[list[str]] = None) -> None:
 
         compare_main(argv)
         return
-    train(parse_args(argv))
+    if train(parse_args(argv)):  # a process group to leave: after train's DDP wrapper is gone (see leave_group)
+        leave_group()
 
 
 if __name__ == "__main__":

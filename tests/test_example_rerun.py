@@ -7,6 +7,7 @@ not finish resumes (also when ``--fresh`` is on the command line of a group that
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import os
@@ -134,3 +135,40 @@ def test_precise_bn_on_a_finished_run_redoes_only_the_final_step(tmp_path):
         assert same != ("running_" in key), key
     _, again = torchrun(out, "--precise-bn", 3)
     assert "already holds this run, complete" in again
+
+
+@pytest.mark.timeout(500)
+def test_compare_mode_trains_three_runs_plots_them_and_a_rerun_starts_nothing(tmp_path):
+    """``train_digits.py --compare`` (the Quickstart's main job, here shortened): sync, local, single."""
+    out = tmp_path / "compare"
+    cmd = [sys.executable, str(TRAIN), "--compare", "--epochs", "1", "--limit-batches", "4", "--no-progress"]
+    cmd += ["--out", str(out)]
+    first = subprocess.run(cmd, env=base_env(), cwd=REPO, capture_output=True, text=True, timeout=3 * COMMAND_TIMEOUT)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    summary = json.loads((out / "compare.json").read_text())
+    assert {name: (s["world_size"], s["batch_size"]) for name, s in summary.items()} == {
+        "sync": (2, 2),
+        "local": (2, 2),
+        "single": (1, 4),
+    }
+    assert (out / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "after epoch 1: held-out accuracy sync" in first.stdout
+    # sync and single do the same math on the same global batches: the same training loss.
+    assert summary["sync"]["train_loss"][0] == pytest.approx(summary["single"]["train_loss"][0], rel=1e-3)
+    runs = {name: files_of(out / name) for name in summary}
+
+    again = subprocess.run(cmd, env=base_env(), cwd=REPO, capture_output=True, text=True, timeout=COMMAND_TIMEOUT)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert again.stdout.count("already holds this run, complete") == 3 and "epoch 1/1" not in again.stdout
+    assert {name: files_of(out / name) for name in summary} == runs
+
+
+def test_accuracy_axes_have_fixed_limits_not_an_auto_zoom():
+    spec = importlib.util.spec_from_file_location("example_plots", REPO / "examples" / "plots.py")
+    plots = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plots)
+    accuracy_limits = plots.accuracy_limits
+    assert accuracy_limits([0.9055, 0.9083]) == (0.8, 1.0)
+    assert accuracy_limits([0.95, 0.97]) == (0.8, 1.0)  # the same range for every trained run
+    assert accuracy_limits([0.83, 0.97]) == (0.7, 1.0)
+    assert accuracy_limits([0.1, 0.5]) == (0.0, 1.0)
