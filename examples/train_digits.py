@@ -35,7 +35,6 @@ group can connect with the previous attempt's addresses and fail (pytorch/pytorc
 from __future__ import annotations
 
 import argparse
-import gc
 import inspect
 import os
 import random
@@ -152,20 +151,22 @@ def epoch_batches(sampler: DistributedSampler, epoch: int, batch_size: int) -> l
 
 
 def leave_group() -> None:
-    """Wait for every rank, then destroy the process group, without the gloo shutdown hang.
+    """Wait for every rank, then end this process without running gloo's teardown.
 
-    A finished gloo Work is dropped by gloo's worker thread, and with it the tensors of the
-    collectives before it, which needs the GIL; the group's destructor joins that thread while it
-    holds the GIL. When the thread had not dropped the barrier yet, both waited forever (3 of 65
-    two-rank ``--epochs 0`` runs on a loaded 2-core machine; none of 80 since). So this holds the
-    barrier's Work until the group is gone, which makes this thread the one that frees them. The
-    group must really go: call this once the DDP wrapper (its reducer holds the group too) is freed.
+    Destroying a gloo process group joins gloo's worker threads while holding the GIL. Each worker
+    still holds the last collective it ran, and dropping it releases tensors that Python created,
+    which takes the GIL: then both threads wait forever. Seen here as a hang at the very end of 3
+    in 65 two-rank runs (the main thread in ``~ProcessGroupGloo`` -> ``std::thread::join``, a gloo
+    thread in ``decref_pyobject`` waiting for the GIL). Keeping the barrier's Work alive until the
+    group is destroyed covers only the worker thread that ran the barrier, and gloo has two. So the
+    teardown does not run at all: every rank has passed the barrier, the outputs are written and
+    closed, stdout and stderr are flushed, and ``os._exit`` ends the process; torchrun only needs
+    its exit status. docs/troubleshooting.md has the same for your own scripts.
     """
-    work = dist.barrier(async_op=True)
-    work.wait()
-    gc.collect()  # anything left in a reference cycle that holds the group
-    dist.destroy_process_group()
-    del work
+    dist.barrier()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def broadcast_state(state: Any, distributed: bool) -> Any:
@@ -415,7 +416,7 @@ def main(argv: Optional[list[str]] = None) -> None:
 
         compare_main(argv)
         return
-    if train(parse_args(argv)):  # a process group to leave: after train's DDP wrapper is gone (see leave_group)
+    if train(parse_args(argv)):  # a process group to leave (see leave_group)
         leave_group()
 
 
