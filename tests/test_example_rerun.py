@@ -11,13 +11,12 @@ import importlib.util
 import io
 import json
 import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from harness import run_command
 
 REPO = Path(__file__).resolve().parent.parent
 LOCAL = REPO / "launch" / "torchrun_local.sh"
@@ -35,24 +34,10 @@ def base_env(**extra: str) -> dict[str, str]:
 def torchrun(out: Path, *args, env: dict[str, str] | None = None, expect_rc: int | None = 0) -> tuple[int, str]:
     """``launch/torchrun_local.sh 2 train_digits.py ...``; the whole process tree is killed on a timeout."""
     cmd = ["bash", str(LOCAL), "2", str(TRAIN), *SHORT_RUN, "--out", str(out), *map(str, args)]
-    proc = subprocess.Popen(
-        cmd,
-        env=env or base_env(),
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        output, _ = proc.communicate(timeout=COMMAND_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
-        pytest.fail(f"timed out: {cmd}\n{output[-5000:]}")
+    returncode, output = run_command(cmd, timeout=COMMAND_TIMEOUT, env=env or base_env())
     if expect_rc is not None:
-        assert proc.returncode == expect_rc, f"exit {proc.returncode}: {cmd}\n{output[-5000:]}"
-    return proc.returncode, output
+        assert returncode == expect_rc, f"exit {returncode}: {cmd}\n{output[-5000:]}"
+    return returncode, output
 
 
 def files_of(out: Path) -> dict[str, tuple[int, bytes]]:
@@ -143,8 +128,8 @@ def test_compare_mode_trains_three_runs_plots_them_and_a_rerun_starts_nothing(tm
     out = tmp_path / "compare"
     cmd = [sys.executable, str(TRAIN), "--compare", "--epochs", "1", "--limit-batches", "4", "--no-progress"]
     cmd += ["--out", str(out)]
-    first = subprocess.run(cmd, env=base_env(), cwd=REPO, capture_output=True, text=True, timeout=3 * COMMAND_TIMEOUT)
-    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    code, first = run_command(cmd, timeout=3 * COMMAND_TIMEOUT, env=base_env())
+    assert code == 0, first[-5000:]
     summary = json.loads((out / "compare.json").read_text())
     assert {name: (s["world_size"], s["batch_size"]) for name, s in summary.items()} == {
         "sync": (2, 2),
@@ -152,14 +137,14 @@ def test_compare_mode_trains_three_runs_plots_them_and_a_rerun_starts_nothing(tm
         "single": (1, 4),
     }
     assert (out / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "after epoch 1: held-out accuracy sync" in first.stdout
+    assert "after epoch 1: held-out accuracy sync" in first
     # sync and single do the same math on the same global batches: the same training loss.
     assert summary["sync"]["train_loss"][0] == pytest.approx(summary["single"]["train_loss"][0], rel=1e-3)
     runs = {name: files_of(out / name) for name in summary}
 
-    again = subprocess.run(cmd, env=base_env(), cwd=REPO, capture_output=True, text=True, timeout=COMMAND_TIMEOUT)
-    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    assert again.stdout.count("already holds this run, complete") == 3 and "epoch 1/1" not in again.stdout
+    code, again = run_command(cmd, timeout=COMMAND_TIMEOUT, env=base_env())
+    assert code == 0, again[-5000:]
+    assert again.count("already holds this run, complete") == 3 and "epoch 1/1" not in again
     assert {name: files_of(out / name) for name in summary} == runs
 
 

@@ -11,7 +11,6 @@ import math
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from harness import kill_tree
 
 REPO = Path(__file__).resolve().parent.parent
 LOCAL = REPO / "launch" / "torchrun_local.sh"
@@ -60,7 +60,7 @@ def finish(proc: subprocess.Popen, timeout: float = COMMAND_TIMEOUT) -> tuple[st
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        kill_tree(proc.pid)  # torchrun's workers lead sessions of their own: killpg would miss them
         stdout, stderr = proc.communicate()
         pytest.fail(
             f"timed out after {timeout} s: {proc.args}\n--- stdout\n{stdout[-3000:]}\n--- stderr\n{stderr[-5000:]}"
