@@ -325,39 +325,93 @@ def pyplot():
     return plt
 
 
-def plot_micro_ratios(micro: list[dict], baseline: str, path: str) -> None:
-    """One panel per world size: each variant's paired time ratio to ``baseline``, per case."""
+# One colour per variant in every benchmark plot.
+VARIANT_COLOURS = {"nn.BatchNorm": "tab:gray", "syncnorm": "tab:blue", "sync floor": "tab:green",
+                   "naive": "tab:orange", "torch.nn.SyncBatchNorm": "tab:red"}  # fmt: skip
+VARIANT_NOTES = {
+    "sync floor": "sync floor: nn.BatchNorm + syncnorm's two all_reduces (the least a synchronised layer pays)",
+    "naive": "naive: detectron2's NaiveSyncBatchNorm algorithm",
+}
+
+
+def _ratio_spread(numerator: list[float], denominator: list[float]) -> tuple[float, float, float]:
+    """Median and quartiles of the per-repetition ratios."""
+    ratios = sorted(a / b for a, b in zip(numerator, denominator))
+    return median(ratios), ratios[len(ratios) // 4], ratios[(3 * len(ratios)) // 4]
+
+
+def _setting(meta: dict | None) -> str:
+    if not meta:
+        return ""
+    machine = meta.get("machine", {})
+    return (f"{meta.get('device', '?')}, gloo, {meta.get('threads', '?')} thread(s) per rank, "
+            f"{machine.get('cores', '?')} cores, torch {machine.get('torch', '?')}, syncnorm {machine.get('syncnorm_commit', '?')}")  # fmt: skip
+
+
+def plot_micro_ratios(micro: list[dict], baseline: str, path: str, meta: dict | None = None) -> None:
+    """One panel per world size: each variant's time over ``baseline`` per case, median and quartiles.
+
+    Points on a log axis shared by every panel (bars on a log axis have no meaningful length);
+    the line at 1 is ``baseline``."""
     plt = pyplot()
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
+
     worlds = sorted({entry["world"] for entry in micro})
-    figure, axes = plt.subplots(len(worlds), 1, figsize=(12, 3.6 * len(worlds)), squeeze=False)
+    figure, axes = plt.subplots(len(worlds), 1, figsize=(12, 3.4 * len(worlds) + 1.0), squeeze=False, sharey=True)
+    names = [name for name in micro[0]["times_ms"] if name != baseline]
     for axis, world in zip(axes[:, 0], worlds):
         entries = [entry for entry in micro if entry["world"] == world]
-        names = [name for name in entries[0]["times_ms"] if name != baseline]
-        width = 0.8 / len(names)
+        width = 0.7 / len(names)
         for index, name in enumerate(names):
-            ratios = [paired_ratio(e["times_ms"][name], e["times_ms"][baseline]) for e in entries]
-            positions = [i + (index - (len(names) - 1) / 2) * width for i in range(len(entries))]
-            axis.bar(positions, ratios, width, label=name)
+            spreads = [
+                _ratio_spread(e["times_ms"][name], e["times_ms"][baseline]) for e in entries if name in e["times_ms"]
+            ]
+            positions = [i + (index - (len(names) - 1) / 2) * width for i in range(len(spreads))]
+            mid = [m for m, _, _ in spreads]
+            errors = [[m - lo for m, lo, _ in spreads], [hi - m for m, _, hi in spreads]]
+            axis.errorbar(positions, mid, yerr=errors, fmt="o", markersize=4, capsize=2, linewidth=1,
+                          color=VARIANT_COLOURS.get(name), label=name)  # fmt: skip
         axis.axhline(1.0, color="black", linewidth=0.8)
-        axis.set_yscale("log")  # small layers run 10-40x nn.BatchNorm (collective latency), big ones near 1x
+        axis.set_yscale("log")
         axis.set_xticks(range(len(entries)), [e["case"] for e in entries], rotation=20, ha="right", fontsize=8)
         axis.set_ylabel(f"time / {baseline}")
-        axis.set_title(f"fwd+bwd per layer, W = {world} (median, rank 0)")
-        axis.legend(fontsize=8)
-    figure.tight_layout()
+        axis.set_title(
+            f"W = {world}: fwd+bwd per layer over {baseline} on the local batch (median, quartiles)", fontsize=10
+        )
+        axis.grid(axis="y", which="major", alpha=0.3)
+    ticks = [0.5, 1, 2, 5, 10, 20, 50, 100]
+    for axis in axes[:, 0]:
+        axis.yaxis.set_major_locator(FixedLocator(ticks))
+        axis.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+        axis.yaxis.set_minor_formatter(NullFormatter())
+    notes = [VARIANT_NOTES[n] for n in names if n in VARIANT_NOTES]
+    figure.legend(*axes[0, 0].get_legend_handles_labels(), loc="upper right", fontsize=8, ncol=len(names))
+    figure.suptitle("Per-layer cost: " + _setting(meta), fontsize=10, x=0.01, ha="left")
+    if notes:
+        figure.text(0.01, 0.005, "; ".join(notes), fontsize=8)
+    figure.tight_layout(rect=(0, 0.02, 1, 0.96))
     figure.savefig(path, dpi=100)
     plt.close(figure)
 
 
-def plot_step_ratios(e2e: dict, baseline: str, path: str) -> None:
-    """Bar chart of each variant's paired training-step time ratio to ``baseline``."""
+def plot_step_ratios(e2e: dict, baseline: str, path: str, meta: dict | None = None) -> None:
+    """Each variant's training-step time over ``baseline``: median and quartiles, with the absolute medians."""
     plt = pyplot()
     names = list(e2e["times_ms"])
-    figure, axis = plt.subplots(figsize=(5, 3.2))
-    ratios = [paired_ratio(e2e["times_ms"][name], e2e["times_ms"][baseline]) for name in names]
-    axis.bar(names, ratios, color=["gray", "tab:blue", "tab:orange", "tab:green"][: len(names)])
-    axis.set_ylabel(f"step time / {baseline}")
-    axis.set_title(f"tiny ResNet DDP training step, W = {e2e['world']}")
-    figure.tight_layout()
+    figure, axis = plt.subplots(figsize=(6.4, 3.8))
+    for index, name in enumerate(names):
+        mid, lo, hi = _ratio_spread(e2e["times_ms"][name], e2e["times_ms"][baseline])
+        axis.bar(index, mid, 0.6, color=VARIANT_COLOURS.get(name, "tab:purple"))
+        axis.errorbar(index, mid, yerr=[[mid - lo], [hi - mid]], color="black", capsize=3, linewidth=1)
+        axis.annotate(f"{mid:.2f}x\n{median(e2e['times_ms'][name]):.0f} ms", (index, hi), ha="center", va="bottom",
+                      fontsize=8, xytext=(0, 2), textcoords="offset points")  # fmt: skip
+    axis.set_xticks(range(len(names)), names)
+    axis.set_ylim(0, max(_ratio_spread(e2e["times_ms"][n], e2e["times_ms"][baseline])[2] for n in names) * 1.3)
+    axis.axhline(1.0, color="black", linewidth=0.8)
+    axis.set_ylabel(f"step time / {baseline} (same repetition)")
+    axis.set_title(f"tiny ResNet, DDP training step, W = {e2e['world']}: median and quartiles", fontsize=10)
+    if meta:
+        figure.text(0.01, 0.01, _setting(meta), fontsize=7)
+    figure.tight_layout(rect=(0, 0.04, 1, 1))
     figure.savefig(path, dpi=100)
     plt.close(figure)

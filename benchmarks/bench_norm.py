@@ -285,9 +285,9 @@ def write_report(out: str, meta: dict, micro: list[dict], e2e: dict | None, comm
         handle.write(text)
     with open(os.path.join(out, "results.json"), "w") as handle:
         json.dump({"meta": meta, "micro": micro, "e2e": e2e}, handle, indent=1)
-    plot_micro_ratios(micro, BASELINE, os.path.join(out, "micro_ratios.png"))
+    plot_micro_ratios(micro, BASELINE, os.path.join(out, "micro_ratios.png"), meta)
     if e2e:
-        plot_step_ratios(e2e, BASELINE, os.path.join(out, "e2e_step.png"))
+        plot_step_ratios(e2e, BASELINE, os.path.join(out, "e2e_step.png"), meta)
     return text
 
 
@@ -310,7 +310,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per rank (default 1)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--skip", default="", help="comma-separated parts to skip: micro, e2e, comm")
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    parser.add_argument(
+        "--out",
+        default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
+        help="folder for results.md/.json, micro_ratios.png, e2e_step.png and comm_model.* (default: "
+        "benchmarks/results, the committed results: give another folder for --tiny or trial runs)",
+    )
+    parser.add_argument(
+        "--replot", action="store_true", help="only redraw the PNGs from the results.json and comm_model.json in --out"
+    )
     args = parser.parse_args(argv)
     args.reps = args.reps or (2 if args.tiny else {"quick": 10, "full": 15}[args.preset])
     args.small_reps_factor = args.small_reps_factor or (1 if args.tiny else 5)
@@ -318,8 +326,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def replot(out: str) -> None:
+    """Redraw the PNGs of an earlier run from its JSON files (no measurement)."""
+    with open(os.path.join(out, "results.json")) as handle:
+        results = json.load(handle)
+    plot_micro_ratios(results["micro"], BASELINE, os.path.join(out, "micro_ratios.png"), results["meta"])
+    if results.get("e2e"):
+        plot_step_ratios(results["e2e"], BASELINE, os.path.join(out, "e2e_step.png"), results["meta"])
+    comm_json = os.path.join(out, "comm_model.json")
+    if os.path.exists(comm_json):
+        with open(comm_json) as handle:
+            comm_model.plot(json.load(handle), os.path.join(out, "comm_model.png"))
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.replot:
+        replot(args.out)
+        return
     os.makedirs(args.out, exist_ok=True)
     skip = set(filter(None, args.skip.split(",")))
     worlds = [int(w) for w in args.worlds.split(",")]

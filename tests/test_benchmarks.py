@@ -55,6 +55,15 @@ def test_tiny_preset_writes_tables_and_plots(tmp_path):
     assert markdown.count("| 1 | ") == 3 and markdown.count("| 2 | ") >= 3 and markdown.count("| 4 | ") == 3
     assert "Saved for backward" in markdown and "Training step" in markdown
     assert "| 1024 | ResNet-50 (53 layers) |" in (out / "comm_model.md").read_text()
+
+    # --replot redraws the PNGs from the JSON alone
+    for name in ("micro_ratios.png", "e2e_step.png", "comm_model.png"):
+        (out / name).unlink()
+    command = [sys.executable, os.path.join(BENCHMARKS, "bench_norm.py"), "--replot", "--out", str(out)]
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
+    assert finished.returncode == 0, finished.stderr[-4000:]
+    for name in ("micro_ratios.png", "e2e_step.png", "comm_model.png"):
+        assert (out / name).read_bytes()[:8] == PNG_MAGIC, name
     assert "--quick --tiny" in markdown
 
 
