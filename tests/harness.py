@@ -148,6 +148,18 @@ def shard(global_batch: torch.Tensor, rank: int, sizes: list[int]) -> torch.Tens
     return global_batch[start : start + sizes[rank]]
 
 
+def sgd_on_shards(model: torch.nn.Module, batches, rank: int = 0, world_size: int = 1, lr: float = 0.1) -> None:
+    """SGD (momentum 0.9) on an MSE loss, this rank training on its even share of every global batch.
+
+    With ``world_size=1`` it is the single-process reference on the global batches."""
+    optimiser = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    for inputs, targets in batches:
+        sizes = [inputs.shape[0] // world_size] * world_size
+        optimiser.zero_grad()
+        torch.nn.functional.mse_loss(model(shard(inputs, rank, sizes)), shard(targets, rank, sizes)).backward()
+        optimiser.step()
+
+
 # --- whole jobs as subprocesses ---------------------------------------------------------------
 
 REPO = Path(__file__).resolve().parent.parent

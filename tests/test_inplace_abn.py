@@ -14,7 +14,7 @@ import torch
 import torch._dynamo  # noqa: F401  (DDP imports it lazily: seconds in every forked rank otherwise)
 import torch.distributed as dist
 import torch.nn.functional as F
-from harness import run_ranks, shard
+from harness import run_ranks, sgd_on_shards, shard
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -426,18 +426,9 @@ def small_net(abn: bool) -> nn.Module:
     ).double()  # fmt: skip
 
 
-def train(model, batches, rank, world):
-    optimiser = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    for inputs, targets in batches:
-        sizes = [inputs.shape[0] // world] * world
-        optimiser.zero_grad()
-        F.mse_loss(model(shard(inputs, rank, sizes)), shard(targets, rank, sizes)).backward()
-        optimiser.step()
-
-
 def _ddp_rank(rank, world, batches):
     model = small_net(abn=True)
-    train(DistributedDataParallel(model), batches, rank, world)
+    sgd_on_shards(DistributedDataParallel(model), batches, rank, world)
     return [t.detach().clone() for t in (*model.parameters(), *model.buffers())]
 
 
@@ -449,7 +440,7 @@ def test_ddp_training_equals_one_process_with_batchnorm_and_leaky_relu():
     ]
     batches = [(x, y.double()) for x, y in batches]
     reference = small_net(abn=False)
-    train(reference, batches, 0, 1)
+    sgd_on_shards(reference, batches)
     expected = [t.detach() for t in (*reference.parameters(), *reference.buffers())]
     for rank, state in enumerate(run_ranks(_ddp_rank, 2, batches, timeout=90)):
         assert len(state) == len(expected)

@@ -14,8 +14,7 @@ import copy
 import pytest
 import torch
 import torch._dynamo  # noqa: F401  (before the harness forks: DDP imports it lazily)
-import torch.nn.functional as F
-from harness import run_ranks, shard
+from harness import run_ranks, sgd_on_shards
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parallel import DistributedDataParallel
@@ -124,19 +123,10 @@ def _timm_net() -> nn.Module:
     return timm.create_model("mobilenetv3_small_050", pretrained=False, num_classes=3).double()
 
 
-def _train(model: nn.Module, batches, rank: int = 0, world_size: int = 1) -> None:
-    optimiser = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    for inputs, targets in batches:
-        sizes = [inputs.shape[0] // world_size] * world_size
-        optimiser.zero_grad()
-        F.mse_loss(model(shard(inputs, rank, sizes)), shard(targets, rank, sizes)).backward()
-        optimiser.step()
-
-
 def _ddp_rank(rank, world_size, batches):
     torch._dynamo.config.suppress_errors = True
     model = syncnorm.convert_sync_batchnorm(_timm_net())
-    _train(DistributedDataParallel(model), batches, rank, world_size)
+    sgd_on_shards(DistributedDataParallel(model), batches, rank, world_size, lr=0.05)
     return {name: t.detach().clone() for name, t in model.state_dict().items()}
 
 
@@ -150,7 +140,7 @@ def test_ddp_of_a_timm_net_with_batchnorm_act_matches_one_process():
     results = run_ranks(_ddp_rank, WORLD, batches, timeout=240, pg_timeout=120)
     reference = _timm_net()
     assert any(type(m).__name__ == "BatchNormAct2d" for m in reference.modules())
-    _train(reference, batches)
+    sgd_on_shards(reference, batches, lr=0.05)
     expected = reference.state_dict()
     worst = 0.0
     for rank, state in enumerate(results):
