@@ -398,15 +398,15 @@ def plot_step_ratios(e2e: dict, baseline: str, path: str, meta: dict | None = No
     """Each variant's training-step time over ``baseline``: median and quartiles, with the absolute medians."""
     plt = pyplot()
     names = list(e2e["times_ms"])
+    spreads = [_ratio_spread(e2e["times_ms"][name], e2e["times_ms"][baseline]) for name in names]
     figure, axis = plt.subplots(figsize=(6.4, 3.8))
-    for index, name in enumerate(names):
-        mid, lo, hi = _ratio_spread(e2e["times_ms"][name], e2e["times_ms"][baseline])
+    for index, (name, (mid, lo, hi)) in enumerate(zip(names, spreads)):
         axis.bar(index, mid, 0.6, color=VARIANT_COLOURS.get(name, "tab:purple"))
         axis.errorbar(index, mid, yerr=[[mid - lo], [hi - mid]], color="black", capsize=3, linewidth=1)
         axis.annotate(f"{mid:.2f}x\n{median(e2e['times_ms'][name]):.0f} ms", (index, hi), ha="center", va="bottom",
                       fontsize=8, xytext=(0, 2), textcoords="offset points")  # fmt: skip
     axis.set_xticks(range(len(names)), names)
-    axis.set_ylim(0, max(_ratio_spread(e2e["times_ms"][n], e2e["times_ms"][baseline])[2] for n in names) * 1.3)
+    axis.set_ylim(0, max(hi for _, _, hi in spreads) * 1.3)
     axis.axhline(1.0, color="black", linewidth=0.8)
     axis.set_ylabel(f"step time / {baseline} (same repetition)")
     axis.set_title(f"tiny ResNet, DDP training step, W = {e2e['world']}: median and quartiles", fontsize=10)

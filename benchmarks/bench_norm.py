@@ -328,6 +328,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def replot(out: str) -> None:
     """Redraw the PNGs of an earlier run from its JSON files (no measurement)."""
+    if not os.path.exists(os.path.join(out, "results.json")):
+        raise SystemExit(f"bench_norm --replot: no results.json in {out}; run the benchmark into that folder first")
     with open(os.path.join(out, "results.json")) as handle:
         results = json.load(handle)
     plot_micro_ratios(results["micro"], BASELINE, os.path.join(out, "micro_ratios.png"), results["meta"])

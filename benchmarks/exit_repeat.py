@@ -120,8 +120,7 @@ def _torchrun_job(variant: str) -> None:
 
 
 def _run_once(job: str, syncnorm_path: Path, workdir: Path) -> tuple[int, str]:
-    sys.path.insert(0, str(ROOT / "tests"))
-    from harness import free_port, kill_tree, launcher_free_env  # the tests' job runner: kills whole trees
+    from harness import free_port, kill_tree, launcher_free_env  # the tests' job runner (main puts tests/ on the path)
 
     env = launcher_free_env(PYTHONPATH=str(syncnorm_path))
     family, variant = job.split("-", 1)
@@ -166,6 +165,7 @@ def main() -> int:
         family, variant = args.worker.split("-", 1)
         (_lightning_job if family == "lightning" else _torchrun_job)(variant)
         return 0
+    sys.path.insert(0, str(ROOT / "tests"))  # the parent runs the jobs with the tests' harness
 
     jobs = [job.strip() for job in args.jobs.split(",") if job.strip()]
     unknown = [job for job in jobs if job not in JOBS]

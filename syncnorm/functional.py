@@ -21,7 +21,6 @@ Backward, with x_hat = (x - mean) / sqrt(var + eps):
     d weight = sum_local dy * x_hat,  d bias = sum_local dy   (each rank's share;
     DDP's gradient averaging then treats them like any other parameter)
 
-
 float64 accumulation of the per-rank terms keeps the variance right when the mean
 is large next to the standard deviation; each rank's own statistics come from
 torch's kernels, which are stable (Welford / double accumulation) locally.

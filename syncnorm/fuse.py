@@ -45,7 +45,7 @@ class FusionReport:
     left: dict[str, str] = field(default_factory=dict)
 
 
-def _activation_of(module: nn.Module) -> Optional[tuple[str, float]]:
+def _activation_of(module: Optional[nn.Module]) -> Optional[tuple[str, float]]:
     if type(module) is nn.LeakyReLU and module.negative_slope > 0:
         return "leaky_relu", float(module.negative_slope)
     if type(module) is nn.ELU and module.alpha > 0:
@@ -93,7 +93,7 @@ def fuse_inplace_abn(
         names = list(container._modules)
         for first, second in zip(names, names[1:]):
             norm, activation = container._modules[first], container._modules[second]
-            act = _activation_of(activation) if activation is not None else None
+            act = _activation_of(activation)
             if type(norm) not in _FUSABLE_NORMS or act is None:
                 continue
             where = f"{path}.{first}" if path else first

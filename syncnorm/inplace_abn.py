@@ -21,7 +21,6 @@ Backward, from y alone:
     dx = gamma' / sqrt(var + eps) * (dz - sum dz / n - x_hat * sum(dz x_hat) / n)
     d gamma = sum_local dz * x_hat,  d beta = sum_local dz
 
-
 The tiny-gamma rule: gamma' is gamma with its magnitude floored at ``eps`` and its sign kept
 (+eps for 0). Wherever |gamma| >= eps (every trained BatchNorm checkpoint in practice) the
 layer is exactly BatchNorm + activation, negative gammas included, so checkpoints move

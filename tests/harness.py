@@ -29,6 +29,7 @@ import pickle
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import traceback
@@ -177,9 +178,11 @@ def free_port() -> int:
 
 
 def launcher_free_env(**extra: str) -> dict[str, str]:
-    """This environment without launcher variables, one thread per process, the repo importable; plus ``extra``."""
+    """This environment without launcher variables, one thread per process, the repo importable; plus ``extra``.
+
+    ``PYTHON`` is this interpreter, the one the launch scripts in ``launch/`` then run."""
     env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_ENV and not k.startswith(LAUNCHER_ENV_PREFIXES)}
-    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO))
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO), PYTHON=sys.executable)
     env.update(extra)
     return env
 

@@ -10,13 +10,12 @@ from __future__ import annotations
 import importlib.util
 import io
 import json
-import os
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from harness import run_command
+from harness import launcher_free_env, run_command
 
 REPO = Path(__file__).resolve().parent.parent
 LOCAL = REPO / "launch" / "torchrun_local.sh"
@@ -25,16 +24,10 @@ COMMAND_TIMEOUT = 200
 SHORT_RUN = ["--epochs", "1", "--limit-batches", "4", "--batch-size", "4", "--no-progress", "--device", "cpu"]
 
 
-def base_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SYNCNORM_", "TORCHELASTIC_"))}
-    env.update(PYTHON=sys.executable, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
-    return env
-
-
 def torchrun(out: Path, *args, env: dict[str, str] | None = None, expect_rc: int | None = 0) -> tuple[int, str]:
     """``launch/torchrun_local.sh 2 train_digits.py ...``; the whole process tree is killed on a timeout."""
     cmd = ["bash", str(LOCAL), "2", str(TRAIN), *SHORT_RUN, "--out", str(out), *map(str, args)]
-    returncode, output = run_command(cmd, timeout=COMMAND_TIMEOUT, env=env or base_env())
+    returncode, output = run_command(cmd, timeout=COMMAND_TIMEOUT, env=env)
     if expect_rc is not None:
         assert returncode == expect_rc, f"exit {returncode}: {cmd}\n{output[-5000:]}"
     return returncode, output
@@ -80,7 +73,7 @@ def test_an_unfinished_run_resumes_also_when_torchrun_restarts_a_fresh_run(tmp_p
     out = tmp_path / "run"
     job = ("--epochs", "2", "--ckpt-every", "2")
     # Rank 1 kills itself after step 6 (epoch 2); the newest checkpoint is step 4 (the end of epoch 1).
-    crash = base_env(SYNCNORM_EXAMPLE_CRASH_AT_STEP="6", SYNCNORM_EXAMPLE_CRASH_RANK="1")
+    crash = launcher_free_env(SYNCNORM_EXAMPLE_CRASH_AT_STEP="6", SYNCNORM_EXAMPLE_CRASH_RANK="1")
     rc, _ = torchrun(out, *job, env=crash, expect_rc=None)
     assert rc != 0 and (out / ".crash-injected").exists() and not (out / "metrics.json").exists()
     _, resumed = torchrun(out, *job)
@@ -128,7 +121,7 @@ def test_compare_mode_trains_three_runs_plots_them_and_a_rerun_starts_nothing(tm
     out = tmp_path / "compare"
     cmd = [sys.executable, str(TRAIN), "--compare", "--epochs", "1", "--limit-batches", "4", "--no-progress"]
     cmd += ["--out", str(out)]
-    code, first = run_command(cmd, timeout=3 * COMMAND_TIMEOUT, env=base_env())
+    code, first = run_command(cmd, timeout=3 * COMMAND_TIMEOUT)
     assert code == 0, first[-5000:]
     summary = json.loads((out / "compare.json").read_text())
     assert {name: (s["world_size"], s["batch_size"]) for name, s in summary.items()} == {
@@ -142,7 +135,7 @@ def test_compare_mode_trains_three_runs_plots_them_and_a_rerun_starts_nothing(tm
     assert summary["sync"]["train_loss"][0] == pytest.approx(summary["single"]["train_loss"][0], rel=1e-3)
     runs = {name: files_of(out / name) for name in summary}
 
-    code, again = run_command(cmd, timeout=COMMAND_TIMEOUT, env=base_env())
+    code, again = run_command(cmd, timeout=COMMAND_TIMEOUT)
     assert code == 0, again[-5000:]
     assert again.count("already holds this run, complete") == 3 and "epoch 1/1" not in again
     assert {name: files_of(out / name) for name in summary} == runs

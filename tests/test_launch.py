@@ -11,14 +11,13 @@ import math
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from harness import kill_tree
+from harness import free_port, kill_tree, launcher_free_env
 
 REPO = Path(__file__).resolve().parent.parent
 LOCAL = REPO / "launch" / "torchrun_local.sh"
@@ -28,19 +27,6 @@ TRAIN = REPO / "examples" / "train_digits.py"
 COMMAND_TIMEOUT = 200  # seconds; generous because the CPU is shared with other test workers
 # A short deterministic job: 2 epochs of 8 batches, per-rank batch 4.
 SHORT_RUN = ["--epochs", "2", "--limit-batches", "8", "--batch-size", "4", "--no-progress"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def base_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SYNCNORM_", "TORCHELASTIC_"))}
-    env.update(PYTHON=sys.executable, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    env.update(extra)
-    return env
 
 
 def start(command: list, env: dict[str, str]) -> subprocess.Popen:
@@ -72,7 +58,7 @@ def finish(proc: subprocess.Popen, timeout: float = COMMAND_TIMEOUT) -> tuple[st
 
 
 def run(command: list, env: dict[str, str] | None = None) -> tuple[str, str]:
-    return finish(start(command, env or base_env()))
+    return finish(start(command, env or launcher_free_env()))
 
 
 def load_weights(out: Path) -> dict[str, torch.Tensor]:
@@ -108,10 +94,12 @@ def assert_complete_run(out: Path, world_size: int, epochs: int) -> dict:
 def test_local_two_processes_match_one_process_on_the_global_batch(tmp_path):
     two, one = tmp_path / "two", tmp_path / "one"
     distributed = start(
-        ["bash", LOCAL, 2, TRAIN, "--norm", "sync", "--out", two, "--ckpt-every", 3, *SHORT_RUN], base_env()
+        ["bash", LOCAL, 2, TRAIN, "--norm", "sync", "--out", two, "--ckpt-every", 3, *SHORT_RUN], launcher_free_env()
     )
     # Reference: one plain process (no torchrun, no process group), nn.BatchNorm2d on the 2 x 4 batch.
-    single = start([sys.executable, TRAIN, "--norm", "local", "--out", one, *SHORT_RUN, "--batch-size", 8], base_env())
+    single = start(
+        [sys.executable, TRAIN, "--norm", "local", "--out", one, *SHORT_RUN, "--batch-size", 8], launcher_free_env()
+    )
     stdout, _ = finish(distributed)
     finish(single)
     assert_complete_run(two, world_size=2, epochs=2)
@@ -128,11 +116,11 @@ def test_two_agents_as_two_nodes_over_loopback(tmp_path):
     out, port = tmp_path / "run", free_port()
     common = dict(NNODES="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), NPROC_PER_NODE="1", RDZV_TIMEOUT="120")
     # Node 0 takes its settings from the environment, node 1 from the options.
-    node0 = start(["bash", MULTINODE, TRAIN, "--out", out, *SHORT_RUN], base_env(**common, NODE_RANK="0"))
+    node0 = start(["bash", MULTINODE, TRAIN, "--out", out, *SHORT_RUN], launcher_free_env(**common, NODE_RANK="0"))
     node1 = start(
         ["bash", MULTINODE, "--nnodes", 2, "--node-rank", 1, "--master-addr", "127.0.0.1", "--master-port", port]
         + ["--nproc-per-node", 1, "--rdzv-timeout", 120, TRAIN, "--out", out, *SHORT_RUN],
-        base_env(),
+        launcher_free_env(),
     )
     finish(node0)
     finish(node1)
@@ -143,10 +131,10 @@ def test_two_agents_as_two_nodes_over_loopback(tmp_path):
 def test_kill_9_of_a_worker_restarts_and_resumes_to_identical_weights(tmp_path):
     job = [TRAIN, "--ckpt-every", 4, *SHORT_RUN]
     uninterrupted, faulted = tmp_path / "uninterrupted", tmp_path / "faulted"
-    reference = start(["bash", LOCAL, 2, *job, "--out", uninterrupted], base_env())
+    reference = start(["bash", LOCAL, 2, *job, "--out", uninterrupted], launcher_free_env())
     # Rank 1 SIGKILLs itself after step 14 (epoch 2, batch 6); the newest checkpoint is step 12
     # (epoch 2, batch 4), so the restarted group must redo steps 13-14 from the right batches.
-    env = base_env(MAX_RESTARTS="1", SYNCNORM_EXAMPLE_CRASH_AT_STEP="14", SYNCNORM_EXAMPLE_CRASH_RANK="1")
+    env = launcher_free_env(MAX_RESTARTS="1", SYNCNORM_EXAMPLE_CRASH_AT_STEP="14", SYNCNORM_EXAMPLE_CRASH_RANK="1")
     _, stderr = finish(start(["bash", LOCAL, 2, *job, "--out", faulted], env))
     finish(reference)
 
@@ -229,7 +217,7 @@ def test_slurm_job_starts_one_agent_per_node_with_the_slurm_rendezvous(tmp_path)
         RDZV_TIMEOUT="120",
     )
     out = tmp_path / "run"
-    _, stderr = run(["bash", SLURM, TRAIN, "--out", out, *SHORT_RUN], base_env(**slurm_env))
+    _, stderr = run(["bash", SLURM, TRAIN, "--out", out, *SHORT_RUN], launcher_free_env(**slurm_env))
     assert f"2 nodes x 1 workers, rendezvous 127.0.0.1:{slurm_env['MASTER_PORT']} (slurm-4242)" in stderr
     assert_complete_run(out, world_size=2, epochs=2)
 
@@ -245,7 +233,7 @@ def test_launch_scripts_reject_bad_usage_before_starting_anything():
         (["bash", SLURM, TRAIN], "run this with sbatch"),
     ]:
         proc = subprocess.run(
-            [str(c) for c in command], env=base_env(), cwd=REPO, capture_output=True, text=True, timeout=30
+            [str(c) for c in command], env=launcher_free_env(), cwd=REPO, capture_output=True, text=True, timeout=30
         )
         assert proc.returncode != 0, command
         assert message in proc.stderr, (command, proc.stderr)
@@ -278,7 +266,7 @@ def interpreter_stubs(folder: Path, **with_torch: bool) -> str:
 
 
 def env_without_python(path: str, **extra: str) -> dict[str, str]:
-    env = base_env(PATH=path)
+    env = launcher_free_env(PATH=path)
     del env["PYTHON"]
     env.update(extra)
     return env
