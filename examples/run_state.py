@@ -87,11 +87,8 @@ def finished_run_message(out: Path, state: Optional[dict], config: dict, args: a
         return None  # nothing yet, or training still to do: start or resume
     if any(state["config"].get(k) != config[k] for k in RESUME_KEYS):
         return None  # another run's checkpoints: the resume check below says so
-    try:
-        recorded = json.loads((out / "metrics.json").read_text()).get("complete")
-    except (OSError, ValueError):
-        return None
-    if recorded != completion_record(state, args.precise_bn) or not all((out / name).exists() for name in OUTPUTS):
+    metrics = completed_run(out, config, state["epoch"], args.precise_bn)
+    if metrics is None or metrics["complete"] != completion_record(state, args.precise_bn):
         return None  # trained, but the outputs are missing or were made otherwise: redo the final step only
     return (
         f"{out} already holds this run, complete (epochs: {state['epoch']}, step {state['step']}); its outputs are "
