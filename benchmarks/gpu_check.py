@@ -454,16 +454,9 @@ def section_memory(run: Run) -> dict:
         "model": f"{depth} x (3x3 conv + norm), input {(batch, channels, height, width)} float32",
         "variants": {},
     }
-    inplace_abn = getattr(syncnorm, "InPlaceABN", None)
-    if inplace_abn is None:  # built but not exported yet: take it from its module
-        try:
-            from syncnorm.inplace_abn import InPlaceABN as inplace_abn
-        except ImportError:
-            result["inplace_abn"] = "syncnorm.InPlaceABN does not exist in this checkout: baselines only"
-    if inplace_abn is not None:
-        result["inplace_abn"] = f"{inplace_abn.__module__}.{inplace_abn.__qualname__}, default activation"
-        norms["syncnorm InPlaceABN"] = lambda c: inplace_abn(c)
-        norms["syncnorm InPlaceABN(inplace=True)"] = lambda c: inplace_abn(c, inplace=True)
+    result["inplace_abn"] = "syncnorm.InPlaceABN, default activation"
+    norms["syncnorm InPlaceABN"] = lambda c: syncnorm.InPlaceABN(c)
+    norms["syncnorm InPlaceABN(inplace=True)"] = lambda c: syncnorm.InPlaceABN(c, inplace=True)
     with run.standin.patched():
         for name, make in norms.items():
             try:
