@@ -81,10 +81,9 @@ def fuse_inplace_abn(
         inplace: passed to every :class:`syncnorm.InPlaceABN` (write the output over the input
             where autograd allows; see :func:`syncnorm.inplace_abn.writes_in_place`).
 
-    Returns:
-        A :class:`FusionReport`: the fused BatchNorms' module paths, and the pairs left as they
-        were with the reason (hooks, |gamma| below eps). A BatchNorm followed by ``nn.ReLU`` is
-        not a pair: ReLU is not invertible.
+    Returns a :class:`FusionReport`: the fused BatchNorms' module paths, and the pairs left as
+    they were with the reason (hooks, |gamma| below eps). A BatchNorm followed by ``nn.ReLU`` is
+    not a pair: ReLU is not invertible.
     """
     report = FusionReport()
     for path, container in list(module.named_modules()):

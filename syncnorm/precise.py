@@ -223,7 +223,7 @@ def precise_bn(
         lockstep: ``None`` decides as above; ``True``/``False`` forces it.
 
     Returns:
-        A :class:`PreciseBNResult` (batches used, samples per layer, how far the statistics moved).
+        PreciseBNResult: the batches used, the samples per layer, and how far the statistics moved.
     """
     started = time.perf_counter()
     if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1:
