@@ -5,21 +5,20 @@ CUDA (NCCL), one all_reduce of O(C) values per pass, torch.compile friendly.
 """
 
 from . import functional
-from .collectives import (
-    SyncNormCollectiveError,
-    SyncNormMismatchError,
-    check_enabled,
-    group_size,
-    new_sync_groups,
-    resolve_group,
-    set_check,
-)
+from .collectives import group_size, new_sync_groups, resolve_group
 from .convert import convert_sync_batchnorm, register_conversion, revert_sync_batchnorm
+from .errors import (
+    PreciseBNWarning,
+    SyncNormCollectiveError,
+    SyncNormDriftWarning,
+    SyncNormMismatchError,
+    SyncNormNonFiniteError,
+)
 from .fuse import FusionReport, fuse_inplace_abn
-from .guard import SyncNormNonFiniteError
+from .guard import check_enabled, set_check
 from .inplace_abn import InPlaceABN, InPlaceABNSync
 from .modules import SyncBatchNorm, SyncBatchNormAct2d
-from .precise import PreciseBNResult, PreciseBNWarning, precise_bn
+from .precise import PreciseBNResult, precise_bn
 from .variants import LayerNorm2d, SyncInstanceNorm1d, SyncInstanceNorm2d, SyncInstanceNorm3d, get_norm
 
 __version__ = "0.1.0"
@@ -35,6 +34,7 @@ __all__ = [
     "SyncBatchNorm",
     "SyncBatchNormAct2d",
     "SyncNormCollectiveError",
+    "SyncNormDriftWarning",
     "SyncNormMismatchError",
     "SyncNormNonFiniteError",
     "check_enabled",

@@ -1,9 +1,12 @@
 """The one place where syncnorm talks to other ranks.
 
 Everything that crosses a process boundary goes through :func:`all_reduce`
-(and, on failure paths only, :func:`all_gather_rows`), so that a dead peer or
-an expired timeout always surfaces as a :class:`SyncNormCollectiveError` that
-names the layer and the rank, never as a bare backend error.
+(and, on failure paths only, :func:`all_gather_rows`). Where the backend reports a
+failure to the caller, it surfaces as a :class:`SyncNormCollectiveError` that names
+the layer and the rank. That is gloo (a dead peer, an expired timeout) and NCCL with
+``TORCH_NCCL_BLOCKING_WAIT=1``; otherwise NCCL collectives return at enqueue, and a
+failure shows later, from NCCL's watchdog, which aborts the process (see
+``docs/failure-behaviour.md``). A gloo size mismatch aborts inside gloo's own thread.
 
 On a CPU tensor (gloo) every collective also waits until the backend's worker
 thread has let go of the tensor (:func:`_wait_until_released`). Without that, a
@@ -29,35 +32,20 @@ from typing import Any, Optional, Union
 import torch
 import torch.distributed as dist
 
+from .errors import SyncNormCollectiveError
+
 __all__ = [
     "SyncGroup",
-    "SyncNormCollectiveError",
-    "SyncNormMismatchError",
     "all_reduce",
-    "check_enabled",
     "group_name",
     "group_size",
     "new_sync_groups",
     "resolve_group",
-    "set_check",
 ]
 
 # What users may pass as ``process_group``: nothing (the default group), a
 # ProcessGroup, or a 1-D DeviceMesh (for example ``mesh["dp"]``).
 SyncGroup = Union[None, dist.ProcessGroup, Any]
-
-
-class SyncNormCollectiveError(RuntimeError):
-    """A syncnorm collective failed: a peer died, or the group's timeout expired."""
-
-
-class SyncNormMismatchError(RuntimeError):
-    """The ranks disagreed about which layer they are at, or about its inputs."""
-
-
-# Reported (repr, tracebacks, pickles) under the path the docs and users write.
-SyncNormCollectiveError.__module__ = "syncnorm"
-SyncNormMismatchError.__module__ = "syncnorm"
 
 
 def _is_device_mesh(obj: object) -> bool:
@@ -157,25 +145,6 @@ def _waits_for_release(tensor: torch.Tensor) -> bool:
     return tensor.device.type == "cpu" and hasattr(tensor, "_use_count")
 
 
-def check_hint() -> str:
-    """What a collective failure message adds so the user can find the rank that went wrong."""
-    if not check_enabled():
-        return (
-            " Ranks that call different collectives (a rank left in eval mode, a skipped layer or "
-            "backward(), another channel count or dtype) end like this, or in a bare gloo abort: run every "
-            "rank with SYNCNORM_CHECK=1 (or syncnorm.set_check(True)) to have them named. "
-            "See docs/troubleshooting.md."
-        )
-    return (
-        " The guard (SYNCNORM_CHECK=1) is on and found no disagreement first: the other ranks were not "
-        "in a syncnorm collective but in another one (your own, a framework's) or in none (stuck, dead, "
-        "or finished). The guard checks at the start of each DistributedDataParallel forward and "
-        "backward when DDP runs over the layers' process group; where DDP runs over another group, "
-        "construct it with forward_sync_buffers=False (broadcast_buffers=False on torch < 2.13) so that "
-        "its buffer broadcast cannot meet a guard check. See docs/troubleshooting.md."
-    )
-
-
 def all_reduce(
     tensor: torch.Tensor,
     group: dist.ProcessGroup,
@@ -191,8 +160,17 @@ def all_reduce(
     wait = _waits_for_release(tensor)
     baseline = tensor._use_count() if wait else 0
     try:
-        dist.all_reduce(tensor, op=op, group=group)
+        if torch.compiler.is_compiling():
+            dist.all_reduce(tensor, op=op, group=group)
+        else:
+            # The process group's own call: dist.all_reduce's argument checks and logging
+            # wrappers cost more host time than a small layer's whole compute.
+            options = dist.AllreduceOptions()
+            options.reduceOp = op
+            group.allreduce([tensor], options).wait()
     except Exception as err:  # backend errors have no common base class
+        from .guard import check_hint
+
         raise SyncNormCollectiveError(
             f"syncnorm: the {what} all_reduce of layer '{layer}' failed on rank "
             f"{dist.get_rank()} (group of {dist.get_world_size(group)}): a peer may have died, "
@@ -212,6 +190,8 @@ def all_gather_rows(row: torch.Tensor, group: dist.ProcessGroup, *, layer: str, 
     try:
         dist.all_gather(rows, row, group=group)
     except Exception as err:
+        from .guard import check_hint
+
         raise SyncNormCollectiveError(
             f"syncnorm: the {what} all_gather of layer '{layer}' failed on rank {dist.get_rank()}: "
             f"{type(err).__name__}: {err}." + check_hint()
@@ -219,25 +199,3 @@ def all_gather_rows(row: torch.Tensor, group: dist.ProcessGroup, *, layer: str, 
     for tensor, baseline in zip([row, *rows], baselines):
         _wait_until_released(tensor, baseline)
     return torch.stack(rows)
-
-
-# --- the rank-consistency guard switch --------------------------------------------------------
-
-_check_override: Optional[bool] = None
-
-
-def set_check(enabled: Optional[bool]) -> None:
-    """Turn the rank-consistency and non-finite guard on or off for this process.
-
-    ``None`` goes back to the environment variable ``SYNCNORM_CHECK``: on for any value but
-    empty, "0", "false" or "False".
-    """
-    global _check_override
-    _check_override = enabled
-
-
-def check_enabled() -> bool:
-    """Whether the rank-consistency and non-finite guard is on: ``set_check``'s value, else ``SYNCNORM_CHECK``."""
-    if _check_override is not None:
-        return _check_override
-    return os.environ.get("SYNCNORM_CHECK", "0") not in ("", "0", "false", "False")

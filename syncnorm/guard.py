@@ -16,8 +16,9 @@ The fingerprint has a fixed size, so two guard calls always pair cleanly
 whatever the ranks disagree about. It is an odd number of int32 values (not a
 multiple of 8 bytes), so it can never be mistaken for a syncnorm statistics
 payload, which is float64: if a guard call meets a statistics collective
-(the switch differs between ranks) the backend fails loudly instead of
-mixing the two.
+(the switch differs between ranks), gloo sees two sizes and aborts instead of
+mixing the two. NCCL does not compare sizes; there the ranks wait out the
+timeout, so the switch must be the same on every rank.
 
 Under DistributedDataParallel the layers' own checks are not the first
 collectives of a step: DDP broadcasts the buffers before each forward (its
@@ -42,6 +43,7 @@ mode is caught), so every rank must then run the same evaluation batches.
 
 from __future__ import annotations
 
+import os
 import weakref
 import zlib
 from collections import Counter
@@ -52,7 +54,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils._pytree import tree_leaves
 
-from .collectives import SyncNormCollectiveError, SyncNormMismatchError, all_gather_rows, all_reduce
+from .collectives import all_gather_rows, all_reduce
+from .errors import SyncNormMismatchError, SyncNormNonFiniteError
 
 __all__ = [
     "KIND_BACKWARD",
@@ -60,9 +63,10 @@ __all__ = [
     "KIND_DDP_FORWARD",
     "KIND_FORWARD",
     "KIND_RUNNING_STATS",
-    "SyncNormCollectiveError",
-    "SyncNormMismatchError",
-    "SyncNormNonFiniteError",
+    "check_enabled",
+    "check_hint",
+    "check_requested",
+    "set_check",
     "verify_consistency",
     "verify_finite",
 ]
@@ -88,11 +92,48 @@ _NAME_BYTES = 64  # of the layer name, shown in the mismatch report (the hash co
 _INT31 = 0x7FFFFFFF  # hashes are kept non-negative in int32 so that negating them cannot overflow
 
 
-class SyncNormNonFiniteError(FloatingPointError, RuntimeError):
-    """The synchronised statistics contain NaN or Inf."""
+_check_override: Optional[bool] = None
 
 
-SyncNormNonFiniteError.__module__ = "syncnorm"
+def set_check(enabled: Optional[bool]) -> None:
+    """Turn the rank-consistency and non-finite guard on or off for this process.
+
+    ``None`` goes back to the environment variable ``SYNCNORM_CHECK``: on for any value but
+    empty, "0", "false" or "False".
+    """
+    global _check_override
+    _check_override = enabled
+
+
+def check_enabled() -> bool:
+    """Whether the rank-consistency and non-finite guard is on: ``set_check``'s value, else ``SYNCNORM_CHECK``."""
+    if _check_override is not None:
+        return _check_override
+    return os.environ.get("SYNCNORM_CHECK", "0") not in ("", "0", "false", "False")
+
+
+def check_requested(check: Optional[bool]) -> bool:
+    """A layer's own ``check`` setting, or the process-wide switch when it is None."""
+    return check_enabled() if check is None else check
+
+
+def check_hint() -> str:
+    """What a collective failure message adds so the user can find the rank that went wrong."""
+    if not check_enabled():
+        return (
+            " Ranks that call different collectives (a rank left in eval mode, a skipped layer or "
+            "backward(), another channel count or dtype) end like this, or in a bare gloo abort: run every "
+            "rank with SYNCNORM_CHECK=1 (or syncnorm.set_check(True)) to have them named. "
+            "See docs/troubleshooting.md."
+        )
+    return (
+        " The guard (SYNCNORM_CHECK=1) is on and found no disagreement first: the other ranks were not "
+        "in a syncnorm collective but in another one (your own, a framework's) or in none (stuck, dead, "
+        "or finished). The guard checks at the start of each DistributedDataParallel forward and "
+        "backward when DDP runs over the layers' process group; where DDP runs over another group, "
+        "construct it with forward_sync_buffers=False (broadcast_buffers=False on torch < 2.13) so that "
+        "its buffer broadcast cannot meet a guard check. See docs/troubleshooting.md."
+    )
 
 
 def _hash31(text: str) -> int:

@@ -22,9 +22,10 @@ import torch.distributed as dist
 from torch import nn
 
 from . import collectives
-from .collectives import SyncGroup, SyncNormMismatchError
+from .collectives import SyncGroup
 from .convert import CONVERTIBLE_BATCHNORMS as _CONVERTIBLE_BATCHNORMS
 from .convert import convert_sync_batchnorm, revert_sync_batchnorm
+from .errors import SyncNormDriftWarning, SyncNormMismatchError
 from .modules import SyncBatchNorm
 
 
@@ -52,10 +53,6 @@ except ModuleNotFoundError as no_pl:
         raise _missing_lightning() from no_pl
 
 __all__ = ["PreciseBNCallback", "SyncNormCallback", "SyncNormDriftWarning", "SyncNormPlugin"]
-
-
-class SyncNormDriftWarning(UserWarning):
-    """The running statistics of a synchronised layer differ between ranks."""
 
 
 class SyncNormPlugin(LayerSync):

@@ -1,4 +1,4 @@
-"""The layer: state, checks and running statistics around :func:`syncnorm.functional.sync_batch_norm`."""
+"""The layers' shared base, and SyncBatchNorm / SyncBatchNormAct2d on :func:`syncnorm.functional.sync_batch_norm`."""
 
 from __future__ import annotations
 
@@ -12,19 +12,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from . import collectives
-from .functional import (
-    affine_in_dtype,
-    check_requested,
-    statistics_dtype,
-    sync_batch_norm,
-    validate_input,
-    verify_eval_consistency,
-)
+from . import collectives, core, guard
+from .functional import sync_batch_norm
 
-__all__ = ["SharesProcessGroup", "SyncBatchNorm", "SyncBatchNormAct2d"]
+__all__ = ["SyncBatchNorm", "SyncBatchNormAct2d", "SyncLayer"]
 
-_layer_counter = itertools.count()
+_layer_numbers = itertools.count()
 # torch >= 2.13 can build an affine BatchNorm without a bias.
 _BATCHNORM_HAS_BIAS_FLAG = "bias" in inspect.signature(_BatchNorm.__init__).parameters
 
@@ -34,16 +27,58 @@ def recomputing_in_backward() -> bool:
     return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
 
 
-class SharesProcessGroup:
-    """Copies share the layer's ``process_group``; pickling refuses a group it cannot save.
+class SyncLayer:
+    """What every synchronised layer holds on top of torch's ``_NormBase`` state.
 
-    A ``ProcessGroup`` (or a ``DeviceMesh``) is a process-wide resource: it cannot be
-    pickled, and copying it would not make a new group anyway. ``copy.deepcopy`` of a
-    model (what EMA helpers such as timm's ``ModelEmaV3`` and torch's ``AveragedModel``
-    do) therefore gives layers that synchronise over the very same group object.
-    ``torch.save`` of a whole module whose layer holds a group raises a ``TypeError``
-    that says what to do; with ``process_group=None`` (the default group) it saves as usual.
+    * ``process_group``: the ranks to synchronise over (``None``: the default group).
+    * ``layer_name``: names the layer in errors and in the guard; ``<Class>#<n>`` when built,
+      the module path after :func:`syncnorm.convert_sync_batchnorm` (the same on every rank).
+    * ``check``: the guard switch for this layer (``None``: ``SYNCNORM_CHECK``/``set_check``).
+    * The step: ``num_batches_tracked`` and this step's momentum, rolled back if the call fails
+      (the running statistics are written only once the call has succeeded).
+    * Copies share the group; pickling refuses a group it cannot save. A ``ProcessGroup`` (or
+      ``DeviceMesh``) is a process-wide resource that cannot be pickled, and copying it would not
+      make a new group anyway, so ``copy.deepcopy`` of a model (EMA helpers such as timm's
+      ``ModelEmaV3`` and torch's ``AveragedModel``) gives layers synchronising over the very same
+      group. ``torch.save`` of a whole module holding a group raises a ``TypeError`` that says
+      what to do; with ``process_group=None`` it saves as usual.
     """
+
+    process_group: collectives.SyncGroup
+    layer_name: str
+    check: Optional[bool]
+
+    def _init_sync(self, process_group: collectives.SyncGroup) -> None:
+        self.process_group = process_group
+        self.layer_name = f"{type(self).__name__}#{next(_layer_numbers)}"
+        self.check = None
+
+    def _group(self):
+        """The process group when it has more than one rank, else None (this process alone)."""
+        group = collectives.resolve_group(self.process_group)
+        return group if group is not None and group.size() > 1 else None
+
+    def _tracking(self) -> bool:
+        return self.track_running_stats and self.running_mean is not None
+
+    def _begin_step(self, synchronised: bool) -> tuple[bool, core.Momentum]:
+        """Count a training step; return (counted, momentum) for the running update.
+
+        Activation checkpointing re-runs the forward inside backward: batch statistics again,
+        but the running statistics were updated by the original forward, so momentum 0.
+        """
+        if not self._tracking():
+            return False, 0.0
+        if recomputing_in_backward():
+            return False, 0.0
+        self.num_batches_tracked.add_(1)
+        if self.momentum is None and not synchronised:
+            return True, 1.0 / float(self.num_batches_tracked)  # what F.batch_norm is given, as torch
+        return True, core.step_momentum(self.momentum, self.num_batches_tracked)
+
+    def _undo_step(self, counted: bool) -> None:
+        if counted:
+            self.num_batches_tracked.sub_(1)
 
     def __deepcopy__(self, memo: dict) -> Any:
         group = self.__dict__.get("process_group")
@@ -65,8 +100,11 @@ class SharesProcessGroup:
             )
         return super().__getstate__()
 
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", layer_name={self.layer_name!r}"
 
-class SyncBatchNorm(SharesProcessGroup, _BatchNorm):
+
+class SyncBatchNorm(SyncLayer, _BatchNorm):
     r"""BatchNorm whose training statistics cover the global mini-batch of all ranks.
 
     A drop-in for ``nn.BatchNorm1d/2d/3d`` and ``torch.nn.SyncBatchNorm`` (same
@@ -113,42 +151,28 @@ class SyncBatchNorm(SharesProcessGroup, _BatchNorm):
             raise TypeError("syncnorm.SyncBatchNorm(bias=False) needs torch >= 2.13 (its BatchNorm has no bias flag)")
         extra = {"bias": bias} if _BATCHNORM_HAS_BIAS_FLAG else {}
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype, **extra)
-        self.process_group = process_group
-        # The name used in error messages and by the consistency guard; convert_sync_batchnorm
-        # replaces it with the module path, which is the same on every rank.
-        self.layer_name = f"SyncBatchNorm#{next(_layer_counter)}"
-        self.check: Optional[bool] = None  # None: follow SYNCNORM_CHECK / syncnorm.set_check
+        self._init_sync(process_group)
 
     def _check_input_dim(self, input: Tensor) -> None:
         pass  # validate_input in the functional layer raises with the layer's name
 
     def forward(self, input: Tensor) -> Tensor:
-        tracking = self.track_running_stats and self.running_mean is not None
-        momentum: Any = 0.0 if self.momentum is None else self.momentum
+        tracking = self._tracking()
         if not self.training:
             # Eval never communicates (ranks may run different numbers of eval batches),
             # except for the opt-in consistency guard.
-            validate_input(input, self.num_features, self.layer_name)
-            if check_requested(self.check) and self._synchronised():
-                verify_eval_consistency(input, collectives.resolve_group(self.process_group), self.layer_name)
+            core.validate_input(input, self.num_features, self.layer_name)
+            group = self._group() if guard.check_requested(self.check) else None
+            if group is not None and not torch.compiler.is_compiling():
+                guard.verify_consistency(group, self.layer_name, input, training=False, kind=guard.KIND_FORWARD)
             running_mean = self.running_mean if tracking else None
-            weight, bias = affine_in_dtype(self.weight, self.bias, statistics_dtype(input.dtype, running_mean))
+            weight, bias = core.affine_in_dtype(
+                self.weight, self.bias, core.stats_dtype(input.dtype) if running_mean is None else running_mean.dtype
+            )
             return F.batch_norm(
                 input, running_mean, self.running_var if tracking else None, weight, bias, not tracking, 0.0, self.eps
             )
-        # Activation checkpointing re-runs this forward inside backward: batch statistics
-        # again (the output must be the same, and so must what autograd saves), but the
-        # running statistics were already updated by the original forward: momentum 0.
-        counting = tracking and not recomputing_in_backward()
-        if counting:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:  # cumulative moving average, kept on the device
-                if self._synchronised():
-                    momentum = torch.reciprocal(self.num_batches_tracked.to(self.running_mean.dtype))
-                else:
-                    momentum = 1.0 / float(self.num_batches_tracked)
-        elif tracking:
-            momentum = 0.0
+        counted, momentum = self._begin_step(collectives.group_size(self.process_group) > 1)
         try:
             return sync_batch_norm(
                 input,
@@ -164,16 +188,8 @@ class SyncBatchNorm(SharesProcessGroup, _BatchNorm):
                 check=self.check,
             )
         except BaseException:
-            # Running statistics are written only after the op succeeds; undo the step count too.
-            if counting:
-                self.num_batches_tracked.sub_(1)
+            self._undo_step(counted)
             raise
-
-    def _synchronised(self) -> bool:
-        return collectives.group_size(self.process_group) > 1
-
-    def extra_repr(self) -> str:
-        return super().extra_repr() + f", layer_name={self.layer_name!r}"
 
 
 class SyncBatchNormAct2d(SyncBatchNorm, nn.BatchNorm2d):

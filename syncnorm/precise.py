@@ -10,7 +10,7 @@ every rank (each batch normalised as in training, so a layer sees what it saw wh
     mean = sum x_i / n,        var = sum (x_i - mean)^2 / (n - 1)      (unbiased, as BatchNorm keeps)
 
 How: a forward pre-hook on every ``_BatchNorm`` (so any subclass: timm's ``BatchNormAct2d``,
-syncnorm's layers) takes the batch's mean and variance in float64 (``functional.batch_norm_stats``,
+syncnorm's layers) takes the batch's mean and variance in float64 (``core.local_moments``,
 stable for a large mean) and merges them into the rank's running (n, mean, M2) with Chan's
 update. At the end one all_reduce of [n, n mean, M2 + n mean^2] per channel, for the whole
 model, gives the global sums, from which every rank computes the same result. Ranks may hold
@@ -38,14 +38,10 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.lazy import LazyModuleMixin
 
-from . import collectives
-from .functional import batch_norm_stats
+from . import collectives, core
+from .errors import PreciseBNWarning
 
 __all__ = ["PreciseBNResult", "PreciseBNWarning", "precise_bn"]
-
-
-class PreciseBNWarning(UserWarning):
-    """precise_bn left a layer's statistics as they were, or used fewer batches than asked for."""
 
 
 @dataclass(frozen=True)
@@ -88,7 +84,7 @@ class _Moments:
     def add(self, input: Tensor) -> None:
         input = input.detach()
         # float64 copies of a few samples at a time: torch's float32 statistics kernel (which
-        # batch_norm_stats uses for (N, C) input, and on CUDA) loses digits when the mean is large
+        # local_moments uses for (N, C) input, and on CUDA) loses digits when the mean is large
         # next to the spread, and precision matters more than speed in a once-per-run pass.
         per_sample = max(1, input[0].numel()) if input.shape[0] else 1
         step = max(1, _CHUNK_ELEMENTS // per_sample)
@@ -96,7 +92,7 @@ class _Moments:
             chunk = input[start : start + step]
             n = chunk.numel() // chunk.shape[1]
             if n:
-                self._merge(n, *batch_norm_stats(chunk.to(torch.float64)))
+                self._merge(n, *core.local_moments(chunk.to(torch.float64)))
 
     def _merge(self, n: int, batch_mean: Tensor, batch_var: Tensor) -> None:
         batch_mean, batch_var = batch_mean.to(self.mean.device), batch_var.to(self.mean.device)
@@ -360,15 +356,15 @@ def _all_ranks_have_a_batch(
 
 
 def _pack(moments: list[_Moments], batches: int, failed: bool, world: int, me: int, device: torch.device) -> Tensor:
-    """[failed flag per rank, batches, then per layer: n, n mean (C), M2 + n mean^2 (C)], float64."""
-    parts = [torch.zeros(world + 1, dtype=torch.float64, device=device)]
-    parts[0][me] = float(failed)
-    parts[0][world] = float(batches)
+    """[failed flag per rank, batches, then per layer the core's [n, n mean (C), M2 + n mean^2 (C)]], float64."""
+    flags = [0.0] * (world + 1)
+    flags[me], flags[world] = float(failed), float(batches)
+    parts = [torch.tensor(flags, dtype=torch.float64, device=device)]
     for acc in moments:
         if failed:
             acc = _Moments(acc.mean.numel(), device)  # a failed rank adds nothing
         mean, m2 = acc.mean.to(device), acc.m2.to(device)
-        parts += [mean.new_full((1,), float(acc.count)), mean * acc.count, m2 + acc.count * mean * mean]
+        parts.append(core.pack(acc.count, mean * acc.count, m2.addcmul(mean, mean, value=acc.count)))
     return torch.cat(parts)
 
 

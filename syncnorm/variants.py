@@ -23,7 +23,6 @@ so no layer carries its own copy of the math.
 from __future__ import annotations
 
 import inspect
-import itertools
 import math
 from collections.abc import Callable
 from typing import Any, Optional
@@ -33,9 +32,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.instancenorm import _InstanceNorm
 
-from . import collectives, guard
-from .functional import _stats_dtype, check_requested, validate_input
-from .modules import SharesProcessGroup, SyncBatchNorm, recomputing_in_backward
+from . import collectives, core, guard
+from .modules import SyncBatchNorm, SyncLayer, recomputing_in_backward
 
 __all__ = ["LayerNorm2d", "SyncInstanceNorm1d", "SyncInstanceNorm2d", "SyncInstanceNorm3d", "get_norm"]
 
@@ -121,11 +119,10 @@ class LayerNorm2d(nn.Module):
 # ---------------------------------------------------------------------------------------------
 # instance norm
 
-_layer_counter = itertools.count()
 _INSTANCENORM_HAS_BIAS_FLAG = "bias" in inspect.signature(_InstanceNorm.__init__).parameters
 
 
-class _SyncInstanceNorm(SharesProcessGroup, _InstanceNorm):
+class _SyncInstanceNorm(SyncLayer, _InstanceNorm):
     """The shared body of SyncInstanceNorm1d/2d/3d (the dimension checks come from torch's classes)."""
 
     def __init__(
@@ -145,20 +142,17 @@ class _SyncInstanceNorm(SharesProcessGroup, _InstanceNorm):
             raise TypeError(f"{type(self).__name__}(bias=False) needs torch >= 2.13 (this is {torch.__version__})")
         extra = {"bias": bias} if _INSTANCENORM_HAS_BIAS_FLAG else {}
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype, **extra)
-        self.process_group = process_group
-        # Same on every rank when the model is built in the same order; named in errors and by the guard.
-        self.layer_name = f"{type(self).__name__}#{next(_layer_counter)}"
-        self.check: Optional[bool] = None  # None: follow SYNCNORM_CHECK / syncnorm.set_check
+        self._init_sync(process_group)
 
     def _apply_instance_norm(self, input: Tensor) -> Tensor:
         # torch's _InstanceNorm.forward has checked the dims and unsqueezed unbatched input.
         tracking = self.track_running_stats and self.running_mean is not None
-        validate_input(input, self.num_features if (self.affine or tracking) else None, self.layer_name)
+        core.validate_input(input, self.num_features if (self.affine or tracking) else None, self.layer_name)
         if not self.training and tracking:
             # Eval with running statistics: every instance gets the same per-channel
             # affine map, which is eval-mode batch norm. Never communicates (ranks may
             # run different eval batches), except to join the opt-in guard.
-            if check_requested(self.check) and self._synchronises_running_stats():
+            if guard.check_requested(self.check) and self._synchronises_running_stats():
                 self._verify_consistency(input, training=False)
             return F.batch_norm(
                 input, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
@@ -175,7 +169,7 @@ class _SyncInstanceNorm(SharesProcessGroup, _InstanceNorm):
         # into these buffers in the same pass that normalises (zeros, since 0 * NaN
         # garbage would stay NaN).
         batch, channels = input.shape[:2]
-        stats_dtype = _stats_dtype(input.dtype)
+        stats_dtype = core.stats_dtype(input.dtype)
         instance_stats = (
             input.new_zeros(batch * channels, dtype=stats_dtype),
             input.new_zeros(batch * channels, dtype=stats_dtype),
@@ -206,31 +200,27 @@ class _SyncInstanceNorm(SharesProcessGroup, _InstanceNorm):
         """running = lerp(running, average over all ranks' instances, momentum), as nn.InstanceNorm on one process.
 
         One all_reduce of [instance count, sum of means (C), sum of unbiased variances (C)]
-        in float64, so uneven batches weigh each instance equally and every rank ends
-        with identical buffers.
+        in float64 through the core, so uneven batches weigh each instance equally and every
+        rank ends with identical buffers. No instances anywhere (all batches empty) leaves the
+        buffers as they are (nn.InstanceNorm would write NaN).
         """
-        channels = instance_mean.shape[1]
         with torch.no_grad():
-            sums = torch.empty(2 * channels + 1, dtype=torch.float64, device=instance_mean.device)
-            sums[0] = instance_mean.shape[0]
-            torch.sum(instance_mean, 0, dtype=torch.float64, out=sums[1 : channels + 1])
-            torch.sum(instance_var, 0, dtype=torch.float64, out=sums[channels + 1 :])
+            payload = core.pack(
+                instance_mean.shape[0],
+                instance_mean.sum(0, dtype=torch.float64),
+                instance_var.sum(0, dtype=torch.float64),
+            )
             if self._synchronises_running_stats():
-                group = collectives.resolve_group(self.process_group)
-                check = check_requested(self.check)
-                if check:
-                    self._verify_consistency(input, training=True)
-                local_sums = sums.clone() if check else None
-                collectives.all_reduce(sums, group, layer=self.layer_name, what="running statistics")
-                if check:
-                    guard.verify_finite(sums, local_sums, group, self.layer_name)
-            count = sums[0]
-            # No instances anywhere (all batches empty): leave the buffers as they are
-            # (nn.InstanceNorm would write NaN). A tensor mask, so no host sync.
-            momentum = (count > 0).to(self.running_mean.dtype) * self.momentum
-            count = count.clamp_min(1)
-            self.running_mean.lerp_((sums[1 : channels + 1] / count).to(self.running_mean.dtype), momentum)
-            self.running_var.lerp_((sums[channels + 1 :] / count).to(self.running_var.dtype), momentum)
+                core.reduce_payload(
+                    payload, collectives.resolve_group(self.process_group), layer=self.layer_name,
+                    what="running statistics", check=guard.check_requested(self.check), input=input,
+                    kind=guard.KIND_RUNNING_STATS,
+                )  # fmt: skip
+            count, mean, var, host_count = core.reduced_means(payload)
+            core.update_running_stats(
+                self.running_mean, self.running_var, mean, var, count, self.momentum, host_count,
+                min_count=1, unbiased=False,
+            )  # fmt: skip
 
     def _synchronises_running_stats(self) -> bool:
         return (
@@ -242,9 +232,6 @@ class _SyncInstanceNorm(SharesProcessGroup, _InstanceNorm):
     def _verify_consistency(self, input: Tensor, *, training: bool) -> None:
         group = collectives.resolve_group(self.process_group)
         guard.verify_consistency(group, self.layer_name, input, training=training, kind=guard.KIND_RUNNING_STATS)
-
-    def extra_repr(self) -> str:
-        return super().extra_repr() + f", layer_name={self.layer_name!r}"
 
 
 _SYNC_INSTANCE_NORM_DOC = r"""InstanceNorm{dims}d whose tracked running statistics cover the instances of all ranks.

@@ -23,6 +23,7 @@ the output so far.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
 import pickle
@@ -169,6 +170,28 @@ REPO = Path(__file__).resolve().parent.parent
 LAUNCHER_ENV_PREFIXES = ("SLURM_", "TORCHELASTIC_", "ACCELERATE_", "SYNCNORM_")
 LAUNCHER_ENV = ("LOCAL_RANK", "RANK", "WORLD_SIZE", "NODE_RANK", "GROUP_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
                 "MASTER_PORT", "RAY_ADDRESS")  # fmt: skip
+
+
+@contextlib.contextmanager
+def recorded_all_reduces():
+    """Record (numel, dtype) of every all_reduce this process issues, at the ProcessGroup level.
+
+    Every all_reduce reaches ``ProcessGroup.allreduce``, whether through ``dist.all_reduce`` or a
+    direct call, so nothing can slip past the count.
+    """
+    calls: list[tuple[int, torch.dtype]] = []
+    real = dist.ProcessGroup.allreduce
+
+    def recording(self, tensors, *args, **kwargs):
+        for tensor in tensors if isinstance(tensors, (list, tuple)) else [tensors]:
+            calls.append((tensor.numel(), tensor.dtype))
+        return real(self, tensors, *args, **kwargs)
+
+    dist.ProcessGroup.allreduce = recording
+    try:
+        yield calls
+    finally:
+        dist.ProcessGroup.allreduce = real
 
 
 def free_port() -> int:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
-from harness import RankError, run_ranks, shard
+from harness import RankError, recorded_all_reduces, run_ranks, shard
 from torch import nn
 
 import syncnorm
@@ -126,15 +126,7 @@ def test_options_match_global_batchnorm(bn_kwargs):
 
 
 def _count_and_payload(rank, world, x, needs_input_grad):
-    calls = []
-    real_all_reduce = dist.all_reduce
-
-    def recording_all_reduce(tensor, *args, **kwargs):
-        calls.append((tensor.numel(), tensor.dtype))
-        return real_all_reduce(tensor, *args, **kwargs)
-
-    dist.all_reduce = recording_all_reduce
-    try:
+    with recorded_all_reduces() as calls:
         layer = syncnorm.SyncBatchNorm(x.shape[1])
         local = x.clone().requires_grad_(needs_input_grad)
         out = layer(local)
@@ -146,8 +138,6 @@ def _count_and_payload(rank, world, x, needs_input_grad):
         layer(local)
         layer(local)
         eval_calls = len(calls) - before_eval
-    finally:
-        dist.all_reduce = real_all_reduce
     return forward_calls, backward_calls, eval_calls
 
 

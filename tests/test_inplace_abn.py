@@ -14,7 +14,7 @@ import torch
 import torch._dynamo  # noqa: F401  (DDP imports it lazily: seconds in every forked rank otherwise)
 import torch.distributed as dist
 import torch.nn.functional as F
-from harness import run_ranks, sgd_on_shards, shard
+from harness import recorded_all_reduces, run_ranks, sgd_on_shards, shard
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -287,16 +287,8 @@ def test_only_the_output_is_saved_not_the_input(inplace):
 
 
 def _collectives_and_state(rank, world, x):
-    calls = []
-    real_all_reduce = dist.all_reduce
-
-    def recording(tensor, *args, **kwargs):
-        calls.append((tensor.numel(), tensor.dtype))
-        return real_all_reduce(tensor, *args, **kwargs)
-
     group = dist.new_group([0, 1])
-    dist.all_reduce = recording
-    try:
+    with recorded_all_reduces() as calls:
         layer = InPlaceABNSync(x.shape[1], process_group=group)
         out = layer(x.clone().requires_grad_())
         forward = list(calls)
@@ -307,19 +299,15 @@ def _collectives_and_state(rank, world, x):
         for _ in range(rank + 1):  # ranks run different numbers of eval batches
             layer(x)
         eval_calls = len(calls) - before
-    finally:
-        dist.all_reduce = real_all_reduce
     shares_group = copy.deepcopy(layer).process_group is group
     # A wrong channel count: a clear error before any collective.
-    dist.all_reduce = recording
-    try:
-        InPlaceABN(x.shape[1]).train()(x[:, :2])
-        error = "no error"
-    except ValueError as err:
-        error = str(err)
-    finally:
-        dist.all_reduce = real_all_reduce
-    return forward, backward, eval_calls, shares_group, error, len(calls) - before - eval_calls
+    with recorded_all_reduces() as calls_before_error:
+        try:
+            InPlaceABN(x.shape[1]).train()(x[:, :2])
+            error = "no error"
+        except ValueError as err:
+            error = str(err)
+    return forward, backward, eval_calls, shares_group, error, len(calls_before_error)
 
 
 def test_one_collective_each_way_none_in_eval_and_copies_share_the_group():

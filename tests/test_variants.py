@@ -14,7 +14,6 @@ from harness import RankError, run_ranks, shard
 from torch import nn
 
 import syncnorm
-from syncnorm import collectives
 from syncnorm.variants import LayerNorm2d, SyncInstanceNorm1d, SyncInstanceNorm2d, SyncInstanceNorm3d, get_norm
 
 DOUBLE = dict(rtol=0, atol=1e-12)
@@ -246,7 +245,7 @@ def _train_steps(layer, batches, grads, take=lambda t: t):
 
 
 def _instance_norm_rank(rank, world_size, sizes, data, check=False):
-    collectives.set_check(check)
+    syncnorm.set_check(check)
     results = {}
     for dims, (state, batches, grads, eval_batch) in data.items():
         layer = SYNC_CLASSES[dims](3, momentum=0.3, affine=True, track_running_stats=True, dtype=torch.float64)
@@ -307,7 +306,7 @@ def test_instance_norm_with_the_guard_on_matches_torch():
 
 
 def _one_rank_in_eval(rank, world_size):
-    collectives.set_check(True)
+    syncnorm.set_check(True)
     layer = SyncInstanceNorm2d(3, track_running_stats=True)
     layer.train(rank == 0)
     layer(torch.randn(2, 3, 4, 4))

@@ -1,0 +1,324 @@
+"""The normalisation core every synchronised layer runs on: statistics, gradient sums, running update.
+
+One implementation of each step, shared by SyncBatchNorm, SyncBatchNormAct2d, InPlaceABN,
+SyncInstanceNorm and precise_bn; a layer adds only what is its own (InPlaceABN its inversion,
+SyncInstanceNorm its per-instance statistic).
+
+Statistics step, per channel, with n_r the rank's value count:
+
+    local:   mean_r, var_r             (two passes, or torch's Welford kernel)
+    reduce:  [n, sum x, sum x^2] = sum over ranks of [n_r, n_r mean_r, n_r (var_r + mean_r^2)]
+    global:  mean = sum x / n,  var = sum x^2 / n - mean^2   (biased, float64, clamped at 0)
+
+The payload is float64: in float32, ``sum x^2 / n - mean^2`` loses every digit of the variance
+once the mean is ~1e3 standard deviations; each rank's own statistics are stable already.
+
+Gradient step: each rank's ``[sum dy, sum dy * x_hat]`` (torch's fused reduction kernels),
+all-reduced once; the layer turns the global means into its input gradient.
+
+Host reads: on CPU the global count is read back once per forward (free there), which lets
+every rank raise together when the group holds at most one value per channel. On CUDA
+nothing is read back: a group with at most one value gives ``beta`` and leaves the running
+statistics as they were, through device-side masks.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+from . import collectives, guard
+
+Momentum = Union[float, Tensor]
+
+# Reductions over more elements than this use two passes in float32 blocks (see local_moments).
+_TWO_PASS_MIN_NUMEL = 1 << 14
+_TWO_PASS_BLOCK_NUMEL = 1 << 22
+
+
+def stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype statistics are kept in for an input dtype: float32 for half inputs, as torch does."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def validate_input(input: Tensor, num_features: Optional[int], layer: str) -> None:
+    """The checks every rank runs before any collective (they need no communication)."""
+    if input.dim() < 2:
+        raise ValueError(
+            f"syncnorm: layer '{layer}' expects input of shape (N, C) or (N, C, *spatial), "
+            f"got a {input.dim()}-D tensor of shape {tuple(input.shape)}"
+        )
+    if not input.is_floating_point():
+        raise ValueError(f"syncnorm: layer '{layer}' needs a floating-point input, got dtype {input.dtype}")
+    channels = input.shape[1]
+    if channels == 0:
+        raise ValueError(f"syncnorm: layer '{layer}' got an input with zero channels, shape {tuple(input.shape)}")
+    if num_features is not None and channels != num_features:
+        raise ValueError(
+            f"syncnorm: layer '{layer}' was built for {num_features} channels but got input with "
+            f"{channels} channels (shape {tuple(input.shape)}); check the layer before it"
+        )
+
+
+def affine_in_dtype(
+    weight: Optional[Tensor], bias: Optional[Tensor], dtype: torch.dtype
+) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    """Weight and bias in the statistics' dtype (a differentiable cast; a no-op when they match).
+
+    Mixed precision hands a layer half-precision weight and bias next to float32 statistics
+    (FSDP2's ``MixedPrecisionPolicy`` casts parameters, not buffers), and torch's kernels refuse
+    the mix. torch.nn.SyncBatchNorm casts weight and bias up; so does syncnorm, and autograd
+    casts their gradients back.
+    """
+    if weight is not None and weight.dtype != dtype:
+        weight = weight.to(dtype)
+    if bias is not None and bias.dtype != dtype:
+        bias = bias.to(dtype)
+    return weight, bias
+
+
+def like(result: Tensor, reference: Tensor) -> Tensor:
+    """``result`` with ``reference``'s strides (copied only if they differ).
+
+    The ops' fake kernels promise ``empty_like(reference)``, and torch.compile asserts that the
+    real kernels keep the promise, for empty tensors too; torch's CUDA kernels choose their
+    output layout by rules that vary between releases.
+    """
+    if result.stride() == reference.stride():
+        return result
+    if reference.numel() == 0:
+        return torch.empty_like(reference)
+    return torch.empty_like(reference).copy_(result)
+
+
+def channel_view(t: Tensor, ndim: int) -> Tensor:
+    return t.view((1, -1) + (1,) * (ndim - 2))
+
+
+# ---------------------------------------------------------------------------------------------
+# statistics
+
+
+def local_moments(input: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and biased variance of an (N, C, *) tensor, in the statistics dtype.
+
+    Large contiguous (N, C, *spatial) inputs on CPU take two passes (mean, then the mean of
+    squared deviations), in blocks of samples so the temporary stays bounded: 2-3x faster
+    there than torch's Welford kernel, and the most stable method there is. Everything else
+    (small inputs, (N, C), channels_last, CUDA) runs torch's one-pass kernel.
+    """
+    channels = input.shape[1]
+    dtype = stats_dtype(input.dtype)
+    if input.numel() == 0:
+        zeros = input.new_zeros(channels, dtype=dtype)
+        return zeros, zeros
+    if (
+        input.device.type == "cpu"
+        and input.numel() >= _TWO_PASS_MIN_NUMEL
+        and input.dim() > 2
+        and input.is_contiguous()
+    ):
+        per_sample = input.view(input.shape[0], channels, -1)
+        mean = per_sample.mean((0, 2), dtype=dtype)
+        centre = mean.view(1, channels, 1)
+        block = max(1, _TWO_PASS_BLOCK_NUMEL // per_sample[0].numel())
+        if block >= per_sample.shape[0]:
+            return mean, torch.sub(per_sample, centre).square_().mean((0, 2))
+        square_sum = torch.zeros_like(mean)
+        for start in range(0, per_sample.shape[0], block):
+            square_sum += torch.sub(per_sample[start : start + block], centre).square_().sum((0, 2))
+        return mean, square_sum.div_(per_sample.shape[0] * per_sample.shape[2])
+    if input.dtype == dtype or input.is_cuda:
+        # On CUDA the kernel returns float32 statistics for half inputs by itself.
+        return torch.batch_norm_update_stats(input, None, None, 0.0)
+    # On CPU it returns the input's dtype unless given float32 buffers (momentum 0 leaves them).
+    return torch.batch_norm_update_stats(
+        input, input.new_zeros(channels, dtype=dtype), input.new_ones(channels, dtype=dtype), 0.0
+    )
+
+
+_ONE_CPU = torch.ones(1, dtype=torch.float64)
+
+
+def _one(like: Tensor) -> Tensor:
+    # On CUDA a fill kernel (a Python number written into a device tensor would be a blocking
+    # host-to-device copy, and a cached device tensor could be born inside a CUDA graph capture).
+    return like.new_ones(1, dtype=torch.float64) if like.device.type != "cpu" else _ONE_CPU
+
+
+def pack(count: Union[int, Tensor], first: Tensor, second: Tensor) -> Tensor:
+    """``[count, first (C), second (C)]`` in float64: the layout of every statistics payload."""
+    head = count.reshape(1).to(torch.float64) if isinstance(count, Tensor) else _one(first).mul(count)
+    return torch.cat((head, first, second)).to(torch.float64)
+
+
+def moments_payload(count: int, mean: Tensor, var: Tensor) -> Tensor:
+    """``[n, n mean, n (var + mean^2)]`` in float64, for a rank's n values per channel."""
+    mean = mean.to(torch.float64)
+    return torch.cat((_one(mean), mean, torch.addcmul(var, mean, mean))).mul_(count)
+
+
+def reduce_payload(payload: Tensor, group, *, layer: str, what: str, check: bool, input: Tensor, kind: int) -> Tensor:
+    """All-reduce a packed payload in place, with the guard's checks around it when ``check``."""
+    if check:
+        guard.verify_consistency(group, layer, input, training=True, kind=kind)
+        local = payload.clone()
+    collectives.all_reduce(payload, group, layer=layer, what=what)
+    if check:
+        guard.verify_finite(payload, local, group, layer)
+    return payload
+
+
+def reduced_means(payload: Tensor) -> tuple[Tensor, Tensor, Tensor, Optional[float]]:
+    """(count, first / count, second / count, host count) of a reduced ``[count, first, second]``.
+
+    The host count is a Python float on CPU (reading it costs nothing there) and None on CUDA
+    or while compiling, where everything stays on the device.
+    """
+    channels = (payload.numel() - 1) // 2
+    count, first, second = payload.split((1, channels, channels))
+    if payload.is_cuda or torch.compiler.is_compiling():
+        host_count, scale = None, count.reciprocal()
+    else:
+        host_count = float(count)
+        scale = 1.0 / host_count if host_count else 0.0
+    return count, first * scale, second * scale, host_count
+
+
+def global_moments(payload: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Optional[float]]:
+    """(mean, biased var, count, host count) from a reduced moments payload; stats in ``dtype``."""
+    count, mean, mean_square, host_count = reduced_means(payload)
+    var = mean_square.addcmul_(mean, mean, value=-1).clamp_min_(0)
+    if dtype != torch.float64:
+        mean, var = mean.to(dtype), var.to(dtype)
+    return mean, var, count, host_count
+
+
+def too_few_values(layer: str, count: float) -> ValueError:
+    return ValueError(
+        f"syncnorm: layer '{layer}' got {int(count)} value(s) per channel over all ranks in training "
+        "mode; batch statistics need at least 2 (use a larger batch, or eval mode)"
+    )
+
+
+def batch_statistics(input: Tensor, group, layer: str, check: bool) -> tuple[Tensor, Tensor, Tensor, Optional[float]]:
+    """The statistics step: global (mean, biased var, count, host count) over the group.
+
+    ``group`` None means this process alone. On CPU a group with at most one value per channel
+    raises on every rank (all of them read the same count); on CUDA it is not read back.
+    """
+    channels = input.shape[1]
+    local_count = input.numel() // channels
+    mean, var = local_moments(input)
+    if group is None:
+        count = float(local_count)
+        if count <= 1:
+            raise too_few_values(layer, count)
+        return mean, var, mean.new_full((1,), count, dtype=torch.float64), count
+    payload = moments_payload(local_count, mean, var)
+    reduce_payload(
+        payload, group, layer=layer, what="forward statistics", check=check, input=input, kind=guard.KIND_FORWARD
+    )
+    mean, var, count, host_count = global_moments(payload, mean.dtype)
+    if host_count is not None and host_count <= 1:
+        raise too_few_values(layer, host_count)
+    return mean, var, count, host_count
+
+
+# ---------------------------------------------------------------------------------------------
+# gradients
+
+
+def grad_sums(grad: Tensor, input: Tensor, mean: Tensor, var: Tensor, invstd: Tensor, eps: float):
+    """Per channel ``(sum dy, sum dy * (x - mean) * invstd)`` with invstd = 1 / sqrt(var + eps).
+
+    One fused pass of torch's kernels: on CUDA the reduction SyncBatchNorm uses, on CPU the
+    eval-mode batch-norm backward with (mean, var) as running statistics (CUDA's version of
+    that one asserts without saved statistics, hence two routes).
+    """
+    if input.numel() == 0:
+        return mean.new_zeros(mean.shape), mean.new_zeros(mean.shape)
+    if input.is_cuda:
+        sum_dy, sum_dy_xmu, _, _ = torch.batch_norm_backward_reduce(grad, input, mean, invstd, None, True, False, False)
+        return sum_dy, sum_dy_xmu * invstd
+    _, sum_dy_xhat, sum_dy = torch.ops.aten.native_batch_norm_backward(
+        grad, input, None, mean, var, None, None, False, eps, [False, True, True]
+    )
+    return sum_dy, sum_dy_xhat
+
+
+def reduce_grad_sums(
+    sum_dy: Tensor, sum_dy_xhat: Tensor, count: Tensor, host_count: Optional[float], group, layer: str,
+    check: bool, input: Tensor, sign: float = 1.0,
+) -> Tensor:  # fmt: skip
+    """The gradient all_reduce: ``sign * [mean dy, mean dy * x_hat]`` over the group, shape (2, C)."""
+    sums = torch.stack((sum_dy, sum_dy_xhat))
+    if group is not None:
+        if check:
+            guard.verify_consistency(group, layer, input, training=True, kind=guard.KIND_BACKWARD)
+        collectives.all_reduce(sums, group, layer=layer, what="backward gradient")
+    if host_count is not None:
+        return sums.mul_(sign / host_count if host_count else 0.0)
+    means = sums.div_(count.to(sums.dtype))
+    return means if sign == 1.0 else means.mul_(sign)
+
+
+# ---------------------------------------------------------------------------------------------
+# running statistics
+
+
+def step_momentum(momentum: Optional[float], num_batches_tracked: Tensor) -> Momentum:
+    """This step's averaging factor: ``momentum``, or 1 / steps for ``momentum=None`` (cumulative).
+
+    The count is read on CPU (free) and kept on the device elsewhere, in float64 either way:
+    a half-precision count would stop at 256 (bfloat16) or overflow (float16).
+    """
+    if momentum is not None:
+        return momentum
+    if num_batches_tracked.is_cuda or torch.compiler.is_compiling():
+        return torch.reciprocal(num_batches_tracked.to(torch.float64))
+    return 1.0 / float(num_batches_tracked)
+
+
+def update_running_stats(
+    running_mean: Tensor,
+    running_var: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    count: Tensor,
+    momentum: Momentum,
+    host_count: Optional[float] = None,
+    *,
+    min_count: int = 2,
+    unbiased: bool = True,
+) -> None:
+    """running = (1 - momentum) running + momentum batch, identically on every rank.
+
+    ``var`` is made unbiased (times n / (n - 1)) unless ``unbiased=False``. A global count
+    below ``min_count`` leaves the buffers unchanged; on CUDA through a device-side mask.
+    Called only after the op has succeeded, so a failed step never half-updates them.
+    """
+    with torch.no_grad():
+        dtype = running_mean.dtype
+        if host_count is not None and not isinstance(momentum, Tensor) and dtype in (torch.float32, torch.float64):
+            if host_count < min_count:
+                return
+            factor = host_count / (host_count - 1) if unbiased else 1.0
+            running_mean.mul_(1 - momentum).add_(mean.to(dtype), alpha=momentum)
+            running_var.mul_(1 - momentum).add_(var.to(dtype), alpha=momentum * factor)
+            return
+        # Device-side route: a tensor count and momentum, no host read. Half-precision buffers
+        # are averaged in float32 and rounded once, as torch's kernels do.
+        work = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+        if unbiased:
+            var = var * (count / (count - 1)).to(var.dtype)
+        weight = (count >= min_count).to(work)
+        weight = weight * (momentum.to(work) if isinstance(momentum, Tensor) else momentum)
+        for running, batch in ((running_mean, mean), (running_var, var)):
+            batch = torch.where(weight > 0, batch.to(work), 0)  # 0 * NaN would poison the buffer
+            if work == dtype:
+                running.lerp_(batch, weight)
+            else:
+                running.copy_(torch.lerp(running.to(work), batch, weight))

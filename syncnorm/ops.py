@@ -1,0 +1,382 @@
+"""The synchronised passes of BatchNorm and InPlace-ABN, as eager autograd Functions and custom ops.
+
+Each pass is one body (``*_forward`` / ``*_backward`` below) built on :mod:`syncnorm.core`,
+reached two ways (the dispatch rule, :func:`compiling`):
+
+* eager calls enter a ``torch.autograd.Function``, which also updates the running statistics
+  once the forward has succeeded. A custom op's Python dispatch (schema checks, autograd
+  wrapper, redispatch) costs more host time than a small layer's whole compute.
+* ``torch.compile`` records the ``torch.library`` custom ops ``syncnorm::batch_norm_forward``
+  / ``_backward`` and ``syncnorm::inplace_abn_forward`` / ``_backward``: one opaque node per
+  pass with a fake kernel, which is what lets ``fullgraph=True`` trace a model. The caller
+  updates the running statistics from the op's outputs. Process groups travel by name.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import collectives, core
+
+ACTIVATIONS = ("leaky_relu", "elu", "identity")
+
+
+def compiling() -> bool:
+    """The dispatch rule: custom ops while torch.compile traces, eager Functions otherwise."""
+    return torch.compiler.is_compiling()
+
+
+def _group(name: str):
+    return collectives.lookup_group(name) if name else None
+
+
+# ---------------------------------------------------------------------------------------------
+# BatchNorm
+
+
+def batch_norm_forward(input: Tensor, weight, bias, eps: float, group, layer: str, check: bool):
+    """Training forward over the group: (output, mean, biased var, count, host count)."""
+    mean, var, count, host_count = core.batch_statistics(input, group, layer, check)
+    output = torch.batch_norm(input, weight, bias, mean, var, False, 0.0, eps, torch.backends.cudnn.enabled)
+    return core.like(output, input), mean, var, count, host_count
+
+
+def batch_norm_backward(
+    grad: Tensor, input: Tensor, weight: Optional[Tensor], mean: Tensor, var: Tensor, count: Tensor,
+    host_count: Optional[float], eps: float, group, layer: str, check: bool, input_needs_grad: bool,
+) -> tuple[Optional[Tensor], Tensor, Tensor]:  # fmt: skip
+    """(grad input, this rank's d weight, this rank's d bias); DDP averages the latter as usual."""
+    invstd = torch.rsqrt(var + eps)
+    sum_dy, sum_dy_xhat = core.grad_sums(grad, input, mean, var, invstd, eps)
+    if not input_needs_grad:
+        return None, sum_dy_xhat, sum_dy
+    if input.is_cuda:
+        means = core.reduce_grad_sums(sum_dy, sum_dy_xhat, count, host_count, group, layer, check, input)
+        if input.numel() == 0:
+            return torch.empty_like(input), sum_dy_xhat, sum_dy
+        # The kernel divides sums by a count it is given in int32; the global count can pass
+        # 2^31, so it gets the means and a count of 1 (a fill kernel: nothing cached, nothing
+        # copied from the host).
+        grad_input = torch.batch_norm_backward_elemt(
+            grad, input, mean, invstd, weight, means[0], means[1] / invstd, input.new_ones(1, dtype=torch.int32)
+        )
+        return core.like(grad_input, input), sum_dy_xhat, sum_dy
+    # -[mean dy, mean dy x_hat] * c2 with c2 = weight * invstd; then
+    # dx = c2 dy - c2 mean(dy) - c2 x_hat mean(dy x_hat), in two native passes: an eval-mode
+    # batch norm (x_hat formed exactly as in the forward) plus c2 * dy.
+    means = core.reduce_grad_sums(sum_dy, sum_dy_xhat, count, host_count, group, layer, check, input, sign=-1.0)
+    if input.numel() == 0:
+        return torch.empty_like(input), sum_dy_xhat, sum_dy
+    c2 = invstd if weight is None else invstd * weight
+    coefficients = means.mul_(c2)
+    grad_input = torch.batch_norm(
+        input, coefficients[1], coefficients[0], mean, var, False, 0.0, eps, torch.backends.cudnn.enabled
+    )
+    grad_input.addcmul_(grad, core.channel_view(c2, input.dim()))
+    return core.like(grad_input, input), sum_dy_xhat, sum_dy
+
+
+def _parameter_grads(needs: tuple[bool, bool], weight, bias, grad_weight, grad_bias):
+    grad_weight = None if not needs[0] else grad_weight.to(weight.dtype)
+    grad_bias = None if not needs[1] else grad_bias.to(bias.dtype)
+    return grad_weight, grad_bias
+
+
+class EagerBatchNorm(torch.autograd.Function):
+    """Eager training-mode SyncBatchNorm: forward, running-statistics update, backward."""
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, running, momentum, eps, group, layer, check):
+        output, mean, var, count, host_count = batch_norm_forward(input, weight, bias, eps, group, layer, check)
+        if running is not None:
+            core.update_running_stats(*running, mean, var, count, momentum, host_count)
+        ctx.save_for_backward(input, weight, bias, mean, var, count)
+        ctx.config = (host_count, eps, group, layer, check)
+        return output
+
+    @staticmethod
+    def backward(ctx, grad):
+        input, weight, bias, mean, var, count = ctx.saved_tensors
+        grad_input, grad_weight, grad_bias = batch_norm_backward(
+            grad, input, weight, mean, var, count, *ctx.config, ctx.needs_input_grad[0]
+        )
+        return (
+            grad_input,
+            *_parameter_grads(ctx.needs_input_grad[1:3], weight, bias, grad_weight, grad_bias),
+            *(None,) * 6,
+        )
+
+
+@torch.library.custom_op("syncnorm::batch_norm_forward", mutates_args=())
+def _batch_norm_forward_op(
+    input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, group_name: str, layer: str,
+    check: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    output, mean, var, count, _ = batch_norm_forward(input, weight, bias, eps, _group(group_name), layer, check)
+    return output, mean, var, count.clone()  # an op's outputs may not alias each other
+
+
+def _statistics_like(input: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    channels, dtype = input.shape[1], core.stats_dtype(input.dtype)
+    return (
+        input.new_empty(channels, dtype=dtype),
+        input.new_empty(channels, dtype=dtype),
+        input.new_empty(1, dtype=torch.float64),
+    )
+
+
+@_batch_norm_forward_op.register_fake
+def _(input, weight, bias, eps, group_name, layer, check):
+    return torch.empty_like(input), *_statistics_like(input)
+
+
+@torch.library.custom_op("syncnorm::batch_norm_backward", mutates_args=())
+def _batch_norm_backward_op(
+    grad: Tensor, input: Tensor, weight: Optional[Tensor], mean: Tensor, var: Tensor, count: Tensor, eps: float,
+    group_name: str, layer: str, check: bool, input_needs_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    grad_input, grad_weight, grad_bias = batch_norm_backward(
+        grad, input, weight, mean, var, count, None, eps, _group(group_name), layer, check, input_needs_grad
+    )
+    return input.new_empty(0) if grad_input is None else grad_input, grad_weight, grad_bias
+
+
+@_batch_norm_backward_op.register_fake
+def _(grad, input, weight, mean, var, count, eps, group_name, layer, check, input_needs_grad):
+    grad_input = torch.empty_like(input) if input_needs_grad else input.new_empty(0)
+    return grad_input, torch.empty_like(mean), torch.empty_like(mean)
+
+
+def _batch_norm_setup_context(ctx, inputs, output):
+    input, weight, bias, eps, group_name, layer, check = inputs
+    _, mean, var, count = output
+    ctx.save_for_backward(input, weight, bias, mean, var, count)
+    ctx.config = (eps, group_name, layer, check)
+
+
+def _batch_norm_op_backward(ctx, grad, _grad_mean, _grad_var, _grad_count):
+    input, weight, bias, mean, var, count = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    grad_input, grad_weight, grad_bias = torch.ops.syncnorm.batch_norm_backward(
+        grad, input, weight, mean, var, count, *ctx.config, needs[0]
+    )
+    return (
+        grad_input if needs[0] else None,
+        *_parameter_grads(needs[1:3], weight, bias, grad_weight, grad_bias),
+        *(None,) * 4,
+    )
+
+
+torch.library.register_autograd(
+    "syncnorm::batch_norm_forward", _batch_norm_op_backward, setup_context=_batch_norm_setup_context
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# InPlace-ABN: BatchNorm + invertible activation that keeps only its output for backward
+
+
+def check_activation(activation: str, activation_param: float, layer: str) -> None:
+    """Refuse an activation whose input cannot be recovered from its output."""
+    if activation == "relu" or (activation == "leaky_relu" and not activation_param > 0):
+        got = "'relu'" if activation == "relu" else f"'leaky_relu' with slope {activation_param}"
+        raise ValueError(
+            f"syncnorm: layer '{layer}' got activation {got}, which is not invertible: it maps every "
+            "negative value to 0, so the backward cannot recover the normalised values from the output "
+            "(InPlace-ABN keeps only the output). Use activation='leaky_relu' with a small positive "
+            "activation_param such as 0.01, or SyncBatchNorm followed by nn.ReLU."
+        )
+    if activation == "elu" and not activation_param > 0:
+        raise ValueError(f"syncnorm: layer '{layer}' needs activation_param (ELU's alpha) > 0, got {activation_param}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"syncnorm: layer '{layer}' got activation {activation!r}; choose one of {ACTIVATIONS}")
+    if not math.isfinite(activation_param):
+        raise ValueError(f"syncnorm: layer '{layer}' needs a finite activation_param, got {activation_param}")
+
+
+def _gamma_beta(weight: Optional[Tensor], bias: Optional[Tensor], eps: float, like: Tensor) -> tuple[Tensor, Tensor]:
+    """gamma' (|gamma| floored at eps, sign kept, +eps for 0) and beta, in the statistics' dtype."""
+    gamma = torch.ones_like(like) if weight is None else weight.to(like.dtype)
+    gamma = torch.where(gamma.abs() < eps, torch.full_like(gamma, eps).copysign(gamma), gamma)
+    beta = torch.zeros_like(like) if bias is None else bias.to(like.dtype)
+    return gamma, beta
+
+
+def inplace_abn_forward(
+    out: Tensor, input: Tensor, weight, bias, eval_mean: Optional[Tensor], eval_var: Optional[Tensor], eps: float,
+    activation: str, activation_param: float, group, layer: str, check: bool,
+):  # fmt: skip
+    """Write act(BN(input)) into ``out`` (which may be ``input``); return mean, var, count, host count."""
+    if eval_mean is not None and eval_var is not None:
+        dtype = core.stats_dtype(input.dtype)
+        # Copies: an op's outputs may not alias its inputs (the running buffers).
+        mean, var = eval_mean.to(dtype, copy=True), eval_var.to(dtype, copy=True)
+        count = mean.new_full((1,), input.numel() // input.shape[1], dtype=torch.float64)
+        host_count = None
+    else:
+        mean, var, count, host_count = core.batch_statistics(input, group, layer, check)
+    gamma, beta = _gamma_beta(weight, bias, eps, mean)
+    scale = gamma * torch.rsqrt(var + eps)
+    shift = beta - mean * scale
+    scale, shift = core.channel_view(scale, input.dim()), core.channel_view(shift, input.dim())
+    # y = x * scale + shift, the same ops whether out is the input or not, so in place and out of
+    # place agree bitwise. Half inputs: one addcmul in float32, rounded once; else mul then add_,
+    # 2-3x faster than addcmul with a broadcast self.
+    if input.dtype == mean.dtype:
+        torch.mul(input, scale, out=out).add_(shift)
+    else:
+        torch.addcmul(shift, input, scale, out=out)
+    if activation == "leaky_relu":
+        F.leaky_relu_(out, activation_param)
+    elif activation == "elu":
+        F.elu_(out, activation_param)
+    return mean, var, count, host_count
+
+
+def inplace_abn_backward(
+    grad: Tensor, output: Tensor, weight, bias, mean: Tensor, var: Tensor, count: Tensor, host_count, eps: float,
+    activation: str, activation_param: float, group, layer: str, check: bool, training: bool,
+    input_needs_grad: bool,
+) -> tuple[Optional[Tensor], Tensor, Tensor]:  # fmt: skip
+    """(grad input, d weight, d bias) from the output alone: z = act^-1(y), then BatchNorm's backward."""
+    ndim = output.dim()
+    y, dy = output.to(mean.dtype), grad.to(mean.dtype)
+    gamma, beta = _gamma_beta(weight, bias, eps, mean)
+    if activation == "leaky_relu":
+        dz = torch.ops.aten.leaky_relu_backward(dy, y, activation_param, True)
+        z = F.leaky_relu(y, 1.0 / activation_param)  # the inverse of a leaky_relu is a leaky_relu
+    elif activation == "elu":
+        dz = torch.ops.aten.elu_backward(dy, activation_param, 1, 1, True, y)
+        # ELU saturates at -alpha: below z ~ log(machine epsilon) y is -alpha exactly and z is lost
+        # (there dz is 0); the floor keeps z finite so that 0 * z stays 0.
+        floor = -1.0 + torch.finfo(y.dtype).eps
+        z = torch.where(y > 0, y, torch.log1p((y / activation_param).clamp_min_(floor)))
+    else:
+        z, dz = y, dy
+    del y
+    # x_hat = (z - beta) / gamma': BatchNorm's gradient sums with beta as the mean and |gamma'|
+    # as the standard deviation (eps 0), then the sign of gamma'.
+    abs_invstd = gamma.abs().reciprocal()
+    sum_dz, sum_dz_xhat = core.grad_sums(dz, z, beta, gamma * gamma, abs_invstd, 0.0)
+    sum_dz_xhat = sum_dz_xhat * gamma.sign()
+    if not input_needs_grad:
+        return None, sum_dz_xhat, sum_dz
+    invstd = torch.rsqrt(var + eps)
+    scale = gamma * invstd
+    if not training:
+        return core.like((dz * core.channel_view(scale, ndim)).to(output.dtype), output), sum_dz_xhat, sum_dz
+    mean_dz, mean_dz_xhat = core.reduce_grad_sums(sum_dz, sum_dz_xhat, count, host_count, group, layer, check, output)
+    # dx = scale (dz - mean_dz - x_hat mean_dz_xhat) with gamma' x_hat = z - beta, i.e. per element
+    # dx = scale dz + slope z + offset, with no x_hat tensor.
+    slope = -invstd * mean_dz_xhat
+    offset = -scale * mean_dz - slope * beta
+    grad_input = (dz * core.channel_view(scale, ndim)).addcmul_(z, core.channel_view(slope, ndim))
+    grad_input.add_(core.channel_view(offset, ndim))
+    return core.like(grad_input.to(output.dtype), output), sum_dz_xhat, sum_dz
+
+
+class EagerInPlaceABN(torch.autograd.Function):
+    """Eager InPlace-ABN: forward into ``out`` (the input itself when in place), running update, backward."""
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, running, momentum, training, in_place, eps, activation, param, group,
+                layer, check):  # fmt: skip
+        out = input if in_place else torch.empty_like(input)
+        eval_mean, eval_var = (None, None) if training else running
+        mean, var, count, host_count = inplace_abn_forward(
+            out, input, weight, bias, eval_mean, eval_var, eps, activation, param, group, layer, check
+        )
+        if training and running is not None:
+            core.update_running_stats(*running, mean, var, count, momentum, host_count)
+        if in_place:
+            ctx.mark_dirty(input)
+        # The output, not the input, is what backward needs: the whole point of the layer.
+        ctx.save_for_backward(out, weight, bias, mean, var, count)
+        ctx.config = (host_count, eps, activation, param, group, layer, check, training)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        output, weight, bias, mean, var, count = ctx.saved_tensors
+        grad_input, grad_weight, grad_bias = inplace_abn_backward(
+            grad, output, weight, bias, mean, var, count, *ctx.config, ctx.needs_input_grad[0]
+        )
+        return (
+            grad_input,
+            *_parameter_grads(ctx.needs_input_grad[1:3], weight, bias, grad_weight, grad_bias),
+            *(None,) * 10,
+        )
+
+
+@torch.library.custom_op("syncnorm::inplace_abn_forward", mutates_args=())
+def _inplace_abn_forward_op(
+    input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eval_mean: Optional[Tensor],
+    eval_var: Optional[Tensor], eps: float, activation: str, activation_param: float, group_name: str, layer: str,
+    check: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    output = torch.empty_like(input)
+    mean, var, count, _ = inplace_abn_forward(
+        output, input, weight, bias, eval_mean, eval_var, eps, activation, activation_param, _group(group_name),
+        layer, check,
+    )  # fmt: skip
+    return output, mean, var, count.clone()
+
+
+@_inplace_abn_forward_op.register_fake
+def _(input, weight, bias, eval_mean, eval_var, eps, activation, activation_param, group_name, layer, check):
+    return torch.empty_like(input), *_statistics_like(input)
+
+
+@torch.library.custom_op("syncnorm::inplace_abn_backward", mutates_args=())
+def _inplace_abn_backward_op(
+    grad: Tensor, output: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor, var: Tensor,
+    count: Tensor, eps: float, activation: str, activation_param: float, group_name: str, layer: str, check: bool,
+    training: bool, input_needs_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    grad_input, grad_weight, grad_bias = inplace_abn_backward(
+        grad, output, weight, bias, mean, var, count, None, eps, activation, activation_param, _group(group_name),
+        layer, check, training, input_needs_grad,
+    )  # fmt: skip
+    return output.new_empty(0) if grad_input is None else grad_input, grad_weight, grad_bias
+
+
+@_inplace_abn_backward_op.register_fake
+def _(grad, output, weight, bias, mean, var, count, eps, activation, activation_param, group_name, layer, check,
+      training, input_needs_grad):  # fmt: skip
+    grad_input = torch.empty_like(output) if input_needs_grad else output.new_empty(0)
+    return grad_input, torch.empty_like(mean), torch.empty_like(mean)
+
+
+def _inplace_abn_setup_context(ctx, inputs, output):
+    _, weight, bias, eval_mean, _, *config = inputs
+    ctx.save_for_backward(output[0], weight, bias, *output[1:])
+    ctx.config = (*config, eval_mean is None)
+
+
+def _inplace_abn_op_backward(ctx, grad, _grad_mean, _grad_var, _grad_count):
+    output, weight, bias, mean, var, count = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    grad_input, grad_weight, grad_bias = torch.ops.syncnorm.inplace_abn_backward(
+        grad, output, weight, bias, mean, var, count, *ctx.config, needs[0]
+    )
+    return (
+        grad_input if needs[0] else None,
+        *_parameter_grads(needs[1:3], weight, bias, grad_weight, grad_bias),
+        *(None,) * 8,
+    )
+
+
+torch.library.register_autograd(
+    "syncnorm::inplace_abn_forward", _inplace_abn_op_backward, setup_context=_inplace_abn_setup_context
+)
+
+
+def custom_op_running_update(running: Optional[tuple[Tensor, Tensor]], mean, var, count, momentum: Any) -> None:
+    """The running-statistics update after a custom op (compiled code): no host read."""
+    if running is not None:
+        core.update_running_stats(*running, mean, var, count, momentum)
