@@ -4,22 +4,25 @@ At tiny shapes the compute is negligible, so what is timed is Python, dispatch a
 kernel-launch overhead: what bounds small-batch training on GPUs, where every kernel
 is launched from the host. The synchronised path runs at W = 8 under torch's "fake"
 process group (its collectives return at once), so communication is left out and
-only syncnorm's own overhead is measured. One thread, interleaved repetitions, median.
+only syncnorm's own overhead is measured. At (8, 256, 14, 14) the compute dominates:
+that row is the synchronised path's own cost next to nn.BatchNorm's kernels.
 
     python benchmarks/bench_host.py [--device cpu|cuda] [--json out.json]
 
-Reports per shape: microseconds per fwd+bwd for nn.BatchNorm, syncnorm and (on CUDA)
-torch.nn.SyncBatchNorm, the ratio to nn.BatchNorm, and the aten ops counted with a
-``TorchDispatchMode`` (what the layer asks the dispatcher for, in forward and backward).
+One thread. Each repetition times a block of calls of nn.BatchNorm and of each other
+layer back to back (the order alternating), and the ratio is the median over
+repetitions of the per-pair ratios: timing each layer in a block of its own drifts
+2x on a shared machine. Reports per shape: microseconds per fwd+bwd (median), the
+median per-pair ratio to nn.BatchNorm, and the aten ops per pass counted with a
+``TorchDispatchMode`` (what the layer asks the dispatcher for, forward / backward;
+the backward count includes the ``ones_like`` that autograd starts it with).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import sys
 import time
 
 import torch
@@ -27,10 +30,10 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import syncnorm  # noqa: E402
+import syncnorm
 
 TINY_SHAPES = ((32, 64), (8, 64, 4, 4))
+MEDIUM_SHAPES = ((8, 256, 14, 14),)
 RESNET50_LAYER_SHAPES = ((32, 64, 112, 112), (32, 256, 56, 56), (32, 2048, 7, 7))
 FAKE_WORLD = 8
 
@@ -53,49 +56,57 @@ def _layer(kind: str, channels: int, ndim: int, device: str) -> nn.Module:
     return nn.SyncBatchNorm(channels).to(device)
 
 
-def _step(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor):
-    def run() -> None:
-        layer(x).backward(grad)
+def _count_ops(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> tuple[int, int]:
+    forward, backward = _CountOps(), _CountOps()
+    with forward:
+        out = layer(x)
+    with backward:
+        out.backward(grad)
+    return len(forward.ops), len(backward.ops)
 
-    return run
 
-
-def measure(device: str, shapes, repeats: int, inner: int) -> list[dict]:
+def measure(device: str, shapes, repeats: int, inner_ops: int) -> list[dict]:
     kinds = ["nn.BatchNorm", "syncnorm"] + (["torch.nn.SyncBatchNorm"] if device == "cuda" else [])
     rows = []
     for shape in shapes:
         x = torch.randn(shape, device=device, requires_grad=True)
         grad = torch.randn(shape, device=device)
-        steps = {kind: _step(_layer(kind, shape[1], len(shape), device), x, grad) for kind in kinds}
+        layers = {kind: _layer(kind, shape[1], len(shape), device) for kind in kinds}
         ops = {}
-        for kind, run in steps.items():
-            run()  # warm up (and let the fake group settle)
-            counter = _CountOps()
-            with counter:
-                run()
-            ops[kind] = len(counter.ops)
+        for kind, layer in layers.items():
+            layer(x).backward(grad)  # warm up (and let the fake group settle)
+            ops[kind] = _count_ops(layer, x, grad)
+        # Enough calls per block that a block takes ~inner_ops x a tiny layer's time.
+        inner = max(1, inner_ops // max(1, x.numel() // 4096))
         times: dict[str, list[float]] = {kind: [] for kind in kinds}
-        for _ in range(repeats):
-            for kind, run in steps.items():  # interleaved, so drift hits all alike
+        ratios: dict[str, list[float]] = {kind: [] for kind in kinds}
+        for repetition in range(repeats):
+            order = kinds if repetition % 2 == 0 else kinds[::-1]
+            block = {}
+            for kind in order:
+                layer = layers[kind]
                 if device == "cuda":
                     torch.cuda.synchronize()
                 start = time.perf_counter()
                 for _ in range(inner):
-                    run()
+                    layer(x).backward(grad)
                 # Host time: what the CPU spent issuing the work (no synchronise inside).
-                times[kind].append((time.perf_counter() - start) / inner * 1e6)
+                block[kind] = (time.perf_counter() - start) / inner * 1e6
                 if device == "cuda":
                     torch.cuda.synchronize()
-        base = statistics.median(times["nn.BatchNorm"])
+            for kind in kinds:
+                times[kind].append(block[kind])
+                ratios[kind].append(block[kind] / block["nn.BatchNorm"])
         for kind in kinds:
-            us = statistics.median(times[kind])
             rows.append(
                 {
                     "shape": list(shape),
                     "layer": kind,
-                    "host_us": round(us, 1),
-                    "ratio_to_batchnorm": round(us / base, 2),
-                    "aten_ops": ops[kind],
+                    "host_us": round(statistics.median(times[kind]), 1),
+                    "ratio_to_batchnorm": round(statistics.median(ratios[kind]), 3),
+                    "ratio_quartiles": [round(q, 3) for q in statistics.quantiles(ratios[kind], n=4)[::2]],
+                    "aten_ops_forward": ops[kind][0],
+                    "aten_ops_backward": ops[kind][1],
                 }
             )
     return rows
@@ -104,8 +115,8 @@ def measure(device: str, shapes, repeats: int, inner: int) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--inner", type=int, default=50)
+    parser.add_argument("--repeats", type=int, default=200, help="interleaved pairs per shape")
+    parser.add_argument("--inner", type=int, default=10, help="calls per timed block at tiny shapes")
     parser.add_argument("--large", action="store_true", help="also the ResNet-50 layer shapes (slow on CPU)")
     parser.add_argument("--json", help="write the rows here")
     options = parser.parse_args()
@@ -113,18 +124,22 @@ def main() -> None:
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=FAKE_WORLD)
-    shapes = TINY_SHAPES + (RESNET50_LAYER_SHAPES if options.large else ())
+    shapes = TINY_SHAPES + MEDIUM_SHAPES + (RESNET50_LAYER_SHAPES if options.large else ())
     rows = measure(options.device, shapes, options.repeats, options.inner)
     print(f"host time per fwd+bwd, W={FAKE_WORLD} (fake group), {options.device}, torch {torch.__version__}")
-    print(f"{'shape':>22} {'layer':>24} {'host us':>9} {'x BN':>6} {'aten ops':>9}")
+    print(f"{options.repeats} interleaved pairs per shape; x BN: median per-pair ratio [quartiles]")
+    print(f"{'shape':>18} {'layer':>24} {'host us':>9} {'x BN':>7} {'quartiles':>15} {'ops fwd/bwd':>12}")
     for row in rows:
+        quartiles = "[{:.2f}, {:.2f}]".format(*row["ratio_quartiles"])
         print(
-            f"{str(tuple(row['shape'])):>22} {row['layer']:>24} {row['host_us']:>9} "
-            f"{row['ratio_to_batchnorm']:>6} {row['aten_ops']:>9}"
+            f"{str(tuple(row['shape'])):>18} {row['layer']:>24} {row['host_us']:>9} "
+            f"{row['ratio_to_batchnorm']:>7.2f} {quartiles:>15} "
+            f"{row['aten_ops_forward']:>5}/{row['aten_ops_backward']:<5}"
         )
     if options.json:
         with open(options.json, "w") as handle:
-            json.dump({"device": options.device, "torch": torch.__version__, "rows": rows}, handle, indent=1)
+            record = {"device": options.device, "torch": torch.__version__, "repeats": options.repeats, "rows": rows}
+            json.dump(record, handle, indent=1)
     dist.destroy_process_group()
 
 

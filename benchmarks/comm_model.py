@@ -22,9 +22,8 @@ import json
 import os
 
 import torch
-import torch.distributed as dist
 from _bench_common import pyplot  # (importing _bench_common puts the repo root and tests/ on sys.path)
-from harness import run_ranks
+from harness import recorded_all_reduces, run_ranks
 
 import syncnorm
 
@@ -44,32 +43,16 @@ ALL_GATHER_ELEMENT_BYTES = 4  # torch.nn.SyncBatchNorm gathers float32 statistic
 
 
 def _payload_rank(rank: int, world_size: int, channel_counts: list[int], dtype: torch.dtype) -> dict:
-    calls: list[tuple[str, int, torch.dtype]] = []
-    phase = ["forward"]
-    original = dist.all_reduce
-
-    def recording_all_reduce(tensor, *args, **kwargs):
-        calls.append((phase[0], tensor.numel(), tensor.dtype))
-        return original(tensor, *args, **kwargs)
-
-    dist.all_reduce = recording_all_reduce
-    try:
-        payloads = {}
-        for channels in channel_counts:
-            calls.clear()
-            layer = syncnorm.SyncBatchNorm(channels, dtype=dtype)
-            input = torch.randn(4, channels, 2, 2, dtype=dtype, requires_grad=True)
-            phase[0] = "forward"
+    payloads = {}
+    for channels in channel_counts:
+        layer = syncnorm.SyncBatchNorm(channels, dtype=dtype)
+        input = torch.randn(4, channels, 2, 2, dtype=dtype, requires_grad=True)
+        with recorded_all_reduces() as forward:
             output = layer(input)
-            phase[0] = "backward"
+        with recorded_all_reduces() as backward:
             output.sum().backward()
-            payloads[channels] = {
-                which: [(numel, dtype) for name, numel, dtype in calls if name == which]
-                for which in ("forward", "backward")
-            }
-        return payloads
-    finally:
-        dist.all_reduce = original
+        payloads[channels] = {"forward": forward, "backward": backward}
+    return payloads
 
 
 def syncnorm_payloads(channel_counts, dtype: torch.dtype = torch.float32) -> dict[int, dict]:

@@ -55,13 +55,15 @@ def batch_norm_backward(
     sum_dy, sum_dy_xhat = core.grad_sums(grad, input, mean, var, invstd, eps)
     if not input_needs_grad:
         return None, sum_dy_xhat, sum_dy
-    if input.is_cuda:
+    if input.is_cuda and grad.stride() == input.stride():
         means = core.reduce_grad_sums(sum_dy, sum_dy_xhat, count, host_count, group, layer, check, input)
         if input.numel() == 0:
             return torch.empty_like(input), sum_dy_xhat, sum_dy
-        # The kernel divides sums by a count it is given in int32; the global count can pass
-        # 2^31, so it gets the means and a count of 1 (a fill kernel: nothing cached, nothing
-        # copied from the host).
+        # torch's fused kernel. It divides sums by a count it is given in int32; the global count
+        # can pass 2^31, so it gets the means and a count of 1 (a fill kernel: nothing cached,
+        # nothing copied from the host). Its output layout follows the grad's, hence only when the
+        # grad's layout is the input's; otherwise the two passes below write the input's layout
+        # for the same memory traffic as a copy would cost.
         grad_input = torch.batch_norm_backward_elemt(
             grad, input, mean, invstd, weight, means[0], means[1] / invstd, input.new_ones(1, dtype=torch.int32)
         )

@@ -46,12 +46,14 @@ def test_public_exceptions_report_their_public_module_path(name):
     assert type(copy) is cls and str(copy) == "what went wrong"
 
 
-def test_drift_warning_reports_the_lightning_module_path():
+def test_warnings_report_the_public_path_and_the_lightning_module_reexports_its_own():
+    for name in ("SyncNormDriftWarning", "PreciseBNWarning"):
+        cls = getattr(syncnorm, name)
+        assert repr(cls) == f"<class 'syncnorm.{name}'>" and issubclass(cls, UserWarning)
     pytest.importorskip("pytorch_lightning")
     from syncnorm.lightning import SyncNormDriftWarning
 
-    assert repr(SyncNormDriftWarning) == "<class 'syncnorm.lightning.SyncNormDriftWarning'>"
-    assert issubclass(SyncNormDriftWarning, UserWarning)
+    assert SyncNormDriftWarning is syncnorm.SyncNormDriftWarning
 
 
 # --- collectives leave nothing for the backend's threads to release -----------------------------
