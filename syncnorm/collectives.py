@@ -17,7 +17,7 @@ GIL while the interpreter is finalizing is ended mid-C++-frame, which calls
 ``std::terminate``. Lightning's last step is syncnorm's: the callback's final
 health check, a few milliseconds before the process exits.
 
-Process groups travel into the custom ops (see ``functional.py``) by *name*:
+Process groups travel into the custom ops (see ``ops.py``) by *name*:
 a ``ProcessGroup`` object cannot be an argument of a ``torch.library`` op, a
 string can, and torch keeps a registry from group names back to groups.
 """
@@ -79,7 +79,7 @@ def resolve_group(process_group: SyncGroup) -> Optional[dist.ProcessGroup]:
 def group_size(process_group: SyncGroup) -> int:
     """Number of ranks the statistics are synchronised over (1 when not distributed)."""
     group = resolve_group(process_group)
-    return 1 if group is None else dist.get_world_size(group)
+    return 1 if group is None else group.size()
 
 
 def group_name(process_group: SyncGroup) -> str:
@@ -145,6 +145,17 @@ def _waits_for_release(tensor: torch.Tensor) -> bool:
     return tensor.device.type == "cpu" and hasattr(tensor, "_use_count")
 
 
+_ALLREDUCE_OPTIONS: dict = {}
+
+
+def _options(op) -> dist.AllreduceOptions:
+    options = _ALLREDUCE_OPTIONS.get(op)
+    if options is None:
+        options = _ALLREDUCE_OPTIONS[op] = dist.AllreduceOptions()
+        options.reduceOp = op
+    return options
+
+
 def all_reduce(
     tensor: torch.Tensor,
     group: dist.ProcessGroup,
@@ -165,9 +176,7 @@ def all_reduce(
         else:
             # The process group's own call: dist.all_reduce's argument checks and logging
             # wrappers cost more host time than a small layer's whole compute.
-            options = dist.AllreduceOptions()
-            options.reduceOp = op
-            group.allreduce([tensor], options).wait()
+            group.allreduce([tensor], _options(op)).wait()
     except Exception as err:  # backend errors have no common base class
         from .guard import check_hint
 

@@ -123,7 +123,7 @@ def local_moments(input: Tensor) -> tuple[Tensor, Tensor]:
         per_sample = input.view(input.shape[0], channels, -1)
         mean = per_sample.mean((0, 2), dtype=dtype)
         centre = mean.view(1, channels, 1)
-        block = max(1, _TWO_PASS_BLOCK_NUMEL // per_sample[0].numel())
+        block = max(1, _TWO_PASS_BLOCK_NUMEL // (channels * per_sample.shape[2]))
         if block >= per_sample.shape[0]:
             return mean, torch.sub(per_sample, centre).square_().mean((0, 2))
         square_sum = torch.zeros_like(mean)
@@ -306,7 +306,7 @@ def update_running_stats(
             if host_count < min_count:
                 return
             factor = host_count / (host_count - 1) if unbiased else 1.0
-            running_mean.mul_(1 - momentum).add_(mean.to(dtype), alpha=momentum)
+            running_mean.lerp_(mean.to(dtype), momentum)
             running_var.mul_(1 - momentum).add_(var.to(dtype), alpha=momentum * factor)
             return
         # Device-side route: a tensor count and momentum, no host read. Half-precision buffers

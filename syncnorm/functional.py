@@ -73,9 +73,24 @@ def sync_batch_norm(
         if isinstance(momentum, Tensor):
             momentum = float(momentum)
         return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    running = None if running_mean is None or running_var is None else (running_mean, running_var)
+    return synchronised_batch_norm(input, running, weight, bias, momentum, eps, group, layer, check)
+
+
+def synchronised_batch_norm(
+    input: Tensor,
+    running: Optional[tuple[Tensor, Tensor]],
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    momentum: Union[float, Tensor],
+    eps: float,
+    group,
+    layer: str,
+    check: Optional[bool],
+) -> Tensor:
+    """The training-mode path over a group of two or more ranks, for a validated input."""
     weight, bias = core.affine_in_dtype(weight, bias, core.stats_dtype(input.dtype))
     check = guard.check_requested(check)
-    running = None if running_mean is None or running_var is None else (running_mean, running_var)
     if ops.compiling():
         output, mean, var, count = torch.ops.syncnorm.batch_norm_forward(
             input, weight, bias, eps, group.group_name, layer, check

@@ -79,7 +79,7 @@ def fuse_inplace_abn(
         module: the model; changed in place.
         process_group: the group the fused layers synchronise over (``None``: the default group).
         inplace: passed to every :class:`syncnorm.InPlaceABN` (write the output over the input
-            where autograd allows; see :func:`syncnorm.inplace_abn.writes_in_place`).
+            where autograd allows; see :func:`syncnorm.functional.writes_in_place`).
 
     Returns a :class:`FusionReport`: the fused BatchNorms' module paths, and the pairs left as
     they were with the reason (hooks, |gamma| below eps). A BatchNorm followed by ``nn.ReLU`` is

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import collectives, core, guard
-from .functional import sync_batch_norm
+from .functional import synchronised_batch_norm
 
 __all__ = ["SyncBatchNorm", "SyncBatchNormAct2d", "SyncLayer"]
 
@@ -172,20 +172,21 @@ class SyncBatchNorm(SyncLayer, _BatchNorm):
             return F.batch_norm(
                 input, running_mean, self.running_var if tracking else None, weight, bias, not tracking, 0.0, self.eps
             )
-        counted, momentum = self._begin_step(collectives.group_size(self.process_group) > 1)
+        core.validate_input(input, self.num_features, self.layer_name)
+        group = self._group()
+        counted, momentum = self._begin_step(group is not None)
         try:
-            return sync_batch_norm(
-                input,
-                self.running_mean if tracking else None,
-                self.running_var if tracking else None,
-                self.weight,
-                self.bias,
-                True,
-                momentum,
-                self.eps,
-                self.process_group,
-                layer=self.layer_name,
-                check=self.check,
+            if group is None:  # not distributed, or a group of one rank: exactly nn.BatchNorm
+                if input.numel() <= input.shape[1]:
+                    raise core.too_few_values(self.layer_name, input.numel() // input.shape[1])
+                running_mean = self.running_mean if tracking else None
+                dtype = core.stats_dtype(input.dtype) if running_mean is None else running_mean.dtype
+                weight, bias = core.affine_in_dtype(self.weight, self.bias, dtype)
+                running_var = self.running_var if tracking else None
+                return F.batch_norm(input, running_mean, running_var, weight, bias, True, momentum, self.eps)
+            running = (self.running_mean, self.running_var) if tracking else None
+            return synchronised_batch_norm(
+                input, running, self.weight, self.bias, momentum, self.eps, group, self.layer_name, self.check
             )
         except BaseException:
             self._undo_step(counted)

@@ -15,8 +15,7 @@ import sys
 
 import pytest
 import torch
-import torch.distributed as dist
-from harness import run_ranks, shard
+from harness import recorded_all_reduces, run_ranks, shard
 from torch import nn
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -114,24 +113,14 @@ def test_naive_baseline_is_a_synchronised_batchnorm():
 
 
 def _floor_rank(rank, world_size, payloads):
-    recorded = []
-    original = dist.all_reduce
-
-    def recording(tensor, *args, **kwargs):
-        recorded.append((tensor.numel(), tensor.dtype))
-        return original(tensor, *args, **kwargs)
-
     floor_payloads = {which: calls[0] for which, calls in payloads[6].items()}
     floor = _bench_common.SyncFloor(nn.BatchNorm2d(6), floor_payloads)
     plain = nn.BatchNorm2d(6)
     local = torch.randn(3, 6, 4, 4, requires_grad=True)
-    dist.all_reduce = recording
-    try:
+    with recorded_all_reduces() as recorded:
         output = floor(local)
         forward_calls = list(recorded)
         output.backward(torch.ones_like(output))
-    finally:
-        dist.all_reduce = original
     return forward_calls, recorded[len(forward_calls) :], output.detach(), plain(local.detach())
 
 

@@ -193,17 +193,12 @@ def test_running_var_stable_when_mean_dwarfs_std():
 
 
 def _eval_without_collectives(rank, world, x):
-    calls = []
-    real_all_reduce = dist.all_reduce
-    dist.all_reduce = lambda *a, **k: calls.append(1) or real_all_reduce(*a, **k)
-    try:
+    with recorded_all_reduces() as calls:
         layer = syncnorm.SyncBatchNorm(x.shape[1]).eval()
         layer.running_mean.uniform_()
         outs = [layer(x) for _ in range(rank + 1)]  # ranks run different numbers of eval batches
         no_stats = syncnorm.SyncBatchNorm(x.shape[1], track_running_stats=False).eval()
         local_stats_out = no_stats(x)
-    finally:
-        dist.all_reduce = real_all_reduce
     return len(calls), outs[-1], layer.running_mean, local_stats_out
 
 
@@ -394,3 +389,23 @@ def _raise_on_rank_one(rank, world):
     if rank == 1:
         raise RuntimeError("planted")
     return "fine"
+
+
+def _cumulative_average_after(rank, world, batches, steps_before, dtype):
+    layer = syncnorm.SyncBatchNorm(batches.shape[-1], momentum=None).to(dtype)
+    layer.num_batches_tracked.fill_(steps_before)
+    layer(shard(batches, rank, [2] * world).to(dtype))
+    return layer.running_mean.double(), layer.running_var.double()
+
+
+def test_cumulative_momentum_counts_steps_past_float16_range():
+    # momentum=None averages with 1 / steps; a step count held in the float16 buffers' dtype
+    # overflows past 65504, which would freeze the running statistics.
+    dtype, steps_before = torch.float16, 70_000
+    batches = torch.tensor([[100.0, -4.0], [300.0, 4.0], [200.0, 0.0], [400.0, 8.0]])
+    reference = nn.BatchNorm1d(2, momentum=None).double()
+    reference.num_batches_tracked.fill_(steps_before)
+    reference(batches.double())
+    for running_mean, running_var in run_ranks(_cumulative_average_after, 2, batches, steps_before, dtype):
+        torch.testing.assert_close(running_mean, reference.running_mean, rtol=1e-2, atol=0)
+        torch.testing.assert_close(running_var, reference.running_var, rtol=1e-2, atol=0)

@@ -145,7 +145,8 @@ def local_steps(batches: list[list[torch.Tensor]], num_batches: int) -> list[tor
 class CollectiveCounter:
     """Counts torch.distributed collectives and syncnorm's all_reduces by purpose (calls pass through)."""
 
-    NAMES = ("all_reduce", "broadcast", "all_gather", "all_gather_into_tensor", "reduce_scatter", "barrier")
+    # all_reduce is counted at the ProcessGroup, which every all_reduce reaches (syncnorm's direct calls too).
+    NAMES = ("broadcast", "all_gather", "all_gather_into_tensor", "reduce_scatter", "barrier")
 
     def __init__(self) -> None:
         self.calls: list[str] = []
@@ -165,6 +166,14 @@ class CollectiveCounter:
             return real_reduce(tensor, group, what=what, **kwargs)
 
         collectives.all_reduce = counted
+        real_allreduce = dist.ProcessGroup.allreduce
+        self._saved["ProcessGroup.allreduce"] = real_allreduce
+
+        def counted_allreduce(group, *args, **kwargs):
+            self.calls.append("all_reduce")
+            return real_allreduce(group, *args, **kwargs)
+
+        dist.ProcessGroup.allreduce = counted_allreduce
         return self
 
     def _wrap(self, name, real):
@@ -176,6 +185,7 @@ class CollectiveCounter:
 
     def __exit__(self, *exc):
         collectives.all_reduce = self._saved.pop("collectives")
+        dist.ProcessGroup.allreduce = self._saved.pop("ProcessGroup.allreduce")
         for name, real in self._saved.items():
             setattr(dist, name, real)
 
