@@ -1,8 +1,10 @@
 """The torch-version matrix: `nox` runs all three sessions, `nox -s models` one of them.
 
 * ``tests``: the pinned suite, exactly the README's test command (torch 2.13.0, CPU build).
-* ``models``: the newest torch this project's machines install (2.14.1, the CUDA build, which
-  runs on CPU) with torchvision and timm: the core equivalence tests plus the model-zoo tests.
+* ``models``: the newest torch (2.14.1, the CUDA build, which runs on CPU) with torchvision and
+  timm: the core equivalence tests, the model-zoo tests, and the fake-CUDA test (the CUDA path of
+  every synchronised layer on fake CUDA tensors: no host read, no CPU-CUDA copy, no call torch's
+  CUDA kernels refuse), which needs a CUDA build of torch and no GPU.
   torchvision's wheels import only with their matching CUDA build of torch, which is why the
   model-zoo tests live here and skip in the pinned suite.
 * ``oldest``: the oldest torch ``pyproject.toml`` admits (``torch>=2.5``): the core tests.
@@ -43,7 +45,10 @@ def models(session: nox.Session) -> None:
         "-c",
         "import torch, torchvision, timm; print(torch.__version__, torchvision.__version__, timm.__version__)",
     )
-    session.run("python", "-m", "pytest", "-n", "auto", *CORE_TESTS, "tests/test_models.py", *session.posargs)
+    session.run(
+        "python", "-m", "pytest", "-n", "auto", *CORE_TESTS, "tests/test_models.py", "tests/test_fake_cuda.py",
+        *session.posargs,
+    )  # fmt: skip
 
 
 @nox.session

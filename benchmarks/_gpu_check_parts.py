@@ -64,6 +64,13 @@ class IdenticalRanks:
             raise NotImplementedError(f"IdenticalRanks: all_reduce op {op}")
         return _Done() if async_op else None
 
+    def process_group_allreduce(self, group, tensors, options=None):
+        # syncnorm calls the ProcessGroup directly (dist.all_reduce's wrappers cost host time).
+        op = dist.ReduceOp.SUM if options is None else options.reduceOp
+        for tensor in tensors if isinstance(tensors, (list, tuple)) else [tensors]:
+            self.all_reduce(tensor, op)
+        return _Done()
+
     def all_gather_into_tensor(self, output: Tensor, input: Tensor, group=None, async_op: bool = False):
         self.calls["all_gather_into_tensor"] += 1
         output.view(self.world, -1).copy_(input.reshape(1, -1))
@@ -85,11 +92,17 @@ class IdenticalRanks:
             "_all_gather_base": self.all_gather_into_tensor,
         }
         saved = {name: getattr(dist, name) for name in replacements if hasattr(dist, name)}
+        saved_allreduce = dist.ProcessGroup.__dict__["allreduce"]  # the descriptor, so restoring keeps binding
+        identical = self
         try:
             for name in saved:
                 setattr(dist, name, replacements[name])
+            dist.ProcessGroup.allreduce = lambda group, *args, **kwargs: identical.process_group_allreduce(
+                group, *args, **kwargs
+            )
             yield self
         finally:
+            dist.ProcessGroup.allreduce = saved_allreduce
             for name, original in saved.items():
                 setattr(dist, name, original)
 

@@ -79,6 +79,11 @@ def affine_in_dtype(
     return weight, bias
 
 
+def cast(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t.to(dtype)``, skipping the call when it would return ``t`` (it costs host time even then)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def like(result: Tensor, reference: Tensor) -> Tensor:
     """``result`` with ``reference``'s strides (copied only if they differ).
 
@@ -151,12 +156,12 @@ def _one(like: Tensor) -> Tensor:
 def pack(count: Union[int, Tensor], first: Tensor, second: Tensor) -> Tensor:
     """``[count, first (C), second (C)]`` in float64: the layout of every statistics payload."""
     head = count.reshape(1).to(torch.float64) if isinstance(count, Tensor) else _one(first).mul(count)
-    return torch.cat((head, first, second)).to(torch.float64)
+    return cast(torch.cat((head, first, second)), torch.float64)
 
 
 def moments_payload(count: int, mean: Tensor, var: Tensor) -> Tensor:
     """``[n, n mean, n (var + mean^2)]`` in float64, for a rank's n values per channel."""
-    mean = mean.to(torch.float64)
+    mean = cast(mean, torch.float64)
     return torch.cat((_one(mean), mean, torch.addcmul(var, mean, mean))).mul_(count)
 
 
@@ -178,7 +183,7 @@ def reduced_means(payload: Tensor) -> tuple[Tensor, Tensor, Tensor, Optional[flo
     or while compiling, where everything stays on the device.
     """
     channels = (payload.numel() - 1) // 2
-    count, first, second = payload.split((1, channels, channels))
+    count, first, second = payload.split_with_sizes((1, channels, channels))
     if payload.is_cuda or torch.compiler.is_compiling():
         host_count, scale = None, count.reciprocal()
     else:
@@ -192,7 +197,7 @@ def global_moments(payload: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor,
     count, mean, mean_square, host_count = reduced_means(payload)
     var = mean_square.addcmul_(mean, mean, value=-1).clamp_min_(0)
     if dtype != torch.float64:
-        mean, var = mean.to(dtype), var.to(dtype)
+        mean, var = cast(mean, dtype), cast(var, dtype)
     return mean, var, count, host_count
 
 
@@ -306,8 +311,8 @@ def update_running_stats(
             if host_count < min_count:
                 return
             factor = host_count / (host_count - 1) if unbiased else 1.0
-            running_mean.lerp_(mean.to(dtype), momentum)
-            running_var.mul_(1 - momentum).add_(var.to(dtype), alpha=momentum * factor)
+            running_mean.lerp_(cast(mean, dtype), momentum)
+            running_var.mul_(1 - momentum).add_(cast(var, dtype), alpha=momentum * factor)
             return
         # Device-side route: a tensor count and momentum, no host read. Half-precision buffers
         # are averaged in float32 and rounded once, as torch's kernels do.

@@ -31,13 +31,6 @@ def _synchronised_group(process_group: collectives.SyncGroup):
     return group if group is not None and group.size() > 1 else None
 
 
-def _verify_eval(group, input: Tensor, layer: str, check: Optional[bool]) -> None:
-    # Only with the guard on: an eval-mode call joins the consistency check so that a rank
-    # left in eval mode while the others train is named instead of hanging them.
-    if group is not None and guard.check_requested(check) and not torch.compiler.is_compiling():
-        guard.verify_consistency(group, layer, input, training=False, kind=guard.KIND_FORWARD)
-
-
 def sync_batch_norm(
     input: Tensor,
     running_mean: Optional[Tensor],
@@ -69,7 +62,7 @@ def sync_batch_norm(
         if training and input.numel() // input.shape[1] <= 1:
             raise core.too_few_values(layer, input.numel() // input.shape[1])
         if not training:
-            _verify_eval(group, input, layer, check)
+            guard.verify_eval(group, input, layer, guard.check_requested(check), guard.KIND_FORWARD)
         if isinstance(momentum, Tensor):
             momentum = float(momentum)
         return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
@@ -141,7 +134,7 @@ def inplace_abn(
     check = guard.check_requested(check)
     batch_stats = training or running_mean is None
     if not training:
-        _verify_eval(group, input, layer, check)
+        guard.verify_eval(group, input, layer, check, guard.KIND_FORWARD)
     weight, bias = core.affine_in_dtype(weight, bias, core.stats_dtype(input.dtype))
     running = None if running_mean is None or running_var is None else (running_mean, running_var)
     group = group if training else None

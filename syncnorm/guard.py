@@ -68,6 +68,7 @@ __all__ = [
     "check_requested",
     "set_check",
     "verify_consistency",
+    "verify_eval",
     "verify_finite",
 ]
 
@@ -182,6 +183,17 @@ def verify_consistency(group: dist.ProcessGroup, layer: str, input: torch.Tensor
     _DDPStepGuard.arm(group, input.device)
     fingerprint = _fingerprint(layer, input.shape[1], input.dtype, training, kind, input.dim())
     _verify(group, layer, fingerprint, input.device)
+
+
+def verify_eval(group: Optional[dist.ProcessGroup], input: torch.Tensor, layer: str, check: bool, kind: int) -> None:
+    """The eval-mode call's part in the guard, when it is on and the group has two or more ranks.
+
+    Eval never communicates otherwise (ranks may run different numbers of eval batches); with
+    the guard on it joins the check, so that a rank left in eval mode while the others train is
+    named instead of hanging them. Compiled code skips it (the check reads back to the host).
+    """
+    if check and group is not None and not torch.compiler.is_compiling():
+        verify_consistency(group, layer, input, training=False, kind=kind)
 
 
 def _verify(group: dist.ProcessGroup, layer: str, fingerprint: list[int], device: torch.device) -> None:

@@ -162,9 +162,8 @@ class SyncBatchNorm(SyncLayer, _BatchNorm):
             # Eval never communicates (ranks may run different numbers of eval batches),
             # except for the opt-in consistency guard.
             core.validate_input(input, self.num_features, self.layer_name)
-            group = self._group() if guard.check_requested(self.check) else None
-            if group is not None and not torch.compiler.is_compiling():
-                guard.verify_consistency(group, self.layer_name, input, training=False, kind=guard.KIND_FORWARD)
+            if guard.check_requested(self.check):
+                guard.verify_eval(self._group(), input, self.layer_name, True, guard.KIND_FORWARD)
             running_mean = self.running_mean if tracking else None
             weight, bias = core.affine_in_dtype(
                 self.weight, self.bias, core.stats_dtype(input.dtype) if running_mean is None else running_mean.dtype

@@ -84,8 +84,8 @@ def batch_norm_backward(
 
 
 def _parameter_grads(needs: tuple[bool, bool], weight, bias, grad_weight, grad_bias):
-    grad_weight = None if not needs[0] else grad_weight.to(weight.dtype)
-    grad_bias = None if not needs[1] else grad_bias.to(bias.dtype)
+    grad_weight = None if not needs[0] else core.cast(grad_weight, weight.dtype)
+    grad_bias = None if not needs[1] else core.cast(grad_bias, bias.dtype)
     return grad_weight, grad_bias
 
 
@@ -203,9 +203,9 @@ def check_activation(activation: str, activation_param: float, layer: str) -> No
 
 def _gamma_beta(weight: Optional[Tensor], bias: Optional[Tensor], eps: float, like: Tensor) -> tuple[Tensor, Tensor]:
     """gamma' (|gamma| floored at eps, sign kept, +eps for 0) and beta, in the statistics' dtype."""
-    gamma = torch.ones_like(like) if weight is None else weight.to(like.dtype)
+    gamma = torch.ones_like(like) if weight is None else core.cast(weight, like.dtype)
     gamma = torch.where(gamma.abs() < eps, torch.full_like(gamma, eps).copysign(gamma), gamma)
-    beta = torch.zeros_like(like) if bias is None else bias.to(like.dtype)
+    beta = torch.zeros_like(like) if bias is None else core.cast(bias, like.dtype)
     return gamma, beta
 
 
@@ -247,7 +247,7 @@ def inplace_abn_backward(
 ) -> tuple[Optional[Tensor], Tensor, Tensor]:  # fmt: skip
     """(grad input, d weight, d bias) from the output alone: z = act^-1(y), then BatchNorm's backward."""
     ndim = output.dim()
-    y, dy = output.to(mean.dtype), grad.to(mean.dtype)
+    y, dy = core.cast(output, mean.dtype), core.cast(grad, mean.dtype)
     gamma, beta = _gamma_beta(weight, bias, eps, mean)
     if activation == "leaky_relu":
         dz = torch.ops.aten.leaky_relu_backward(dy, y, activation_param, True)
@@ -271,7 +271,8 @@ def inplace_abn_backward(
     invstd = torch.rsqrt(var + eps)
     scale = gamma * invstd
     if not training:
-        return core.like((dz * core.channel_view(scale, ndim)).to(output.dtype), output), sum_dz_xhat, sum_dz
+        grad_input = core.cast(dz * core.channel_view(scale, ndim), output.dtype)
+        return core.like(grad_input, output), sum_dz_xhat, sum_dz
     mean_dz, mean_dz_xhat = core.reduce_grad_sums(sum_dz, sum_dz_xhat, count, host_count, group, layer, check, output)
     # dx = scale (dz - mean_dz - x_hat mean_dz_xhat) with gamma' x_hat = z - beta, i.e. per element
     # dx = scale dz + slope z + offset, with no x_hat tensor.
@@ -279,7 +280,7 @@ def inplace_abn_backward(
     offset = -scale * mean_dz - slope * beta
     grad_input = (dz * core.channel_view(scale, ndim)).addcmul_(z, core.channel_view(slope, ndim))
     grad_input.add_(core.channel_view(offset, ndim))
-    return core.like(grad_input.to(output.dtype), output), sum_dz_xhat, sum_dz
+    return core.like(core.cast(grad_input, output.dtype), output), sum_dz_xhat, sum_dz
 
 
 class EagerInPlaceABN(torch.autograd.Function):

@@ -153,10 +153,10 @@ class _SyncInstanceNorm(SyncLayer, _InstanceNorm):
             # affine map, which is eval-mode batch norm. Never communicates (ranks may
             # run different eval batches), except to join the opt-in guard.
             if guard.check_requested(self.check) and self._synchronises_running_stats():
-                self._verify_consistency(input, training=False)
-            return F.batch_norm(
-                input, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
-            )
+                group = collectives.resolve_group(self.process_group)
+                guard.verify_eval(group, input, self.layer_name, True, guard.KIND_RUNNING_STATS)
+            weight, bias = core.affine_in_dtype(self.weight, self.bias, self.running_mean.dtype)
+            return F.batch_norm(input, self.running_mean, self.running_var, weight, bias, False, 0.0, self.eps)
         spatial = input.shape[2:]
         if math.prod(spatial) <= 1:
             raise ValueError(
@@ -191,8 +191,10 @@ class _SyncInstanceNorm(SyncLayer, _InstanceNorm):
             shape = (1, channels) + (1,) * len(spatial)
             output = normalised * self.weight.view(shape)
             return output if self.bias is None else output + self.bias.view(shape)
-        weight = None if self.weight is None else self.weight.repeat(batch)
-        bias = None if self.bias is None else self.bias.repeat(batch)
+        # Weight and bias in the statistics' dtype, as the other layers (mixed precision).
+        weight, bias = core.affine_in_dtype(self.weight, self.bias, core.stats_dtype(input.dtype))
+        weight = None if weight is None else weight.repeat(batch)
+        bias = None if bias is None else bias.repeat(batch)
         output = F.batch_norm(instances, scratch_mean, scratch_var, weight, bias, True, 1.0, self.eps)
         return output.reshape(input.shape)
 
@@ -228,10 +230,6 @@ class _SyncInstanceNorm(SyncLayer, _InstanceNorm):
             and bool(self.momentum)  # momentum None or 0 leaves the buffers unchanged, as in torch
             and collectives.group_size(self.process_group) > 1
         )
-
-    def _verify_consistency(self, input: Tensor, *, training: bool) -> None:
-        group = collectives.resolve_group(self.process_group)
-        guard.verify_consistency(group, self.layer_name, input, training=training, kind=guard.KIND_RUNNING_STATS)
 
 
 _SYNC_INSTANCE_NORM_DOC = r"""InstanceNorm{dims}d whose tracked running statistics cover the instances of all ranks.

@@ -180,7 +180,9 @@ def recorded_all_reduces():
     direct call, so nothing can slip past the count.
     """
     calls: list[tuple[int, torch.dtype]] = []
-    real = dist.ProcessGroup.allreduce
+    real = dist.ProcessGroup.allreduce  # a plain function here: it takes the group explicitly
+    # What the class holds is a pybind method descriptor; setting `real` back would lose the binding.
+    saved = dist.ProcessGroup.__dict__["allreduce"]
 
     def recording(self, tensors, *args, **kwargs):
         for tensor in tensors if isinstance(tensors, (list, tuple)) else [tensors]:
@@ -191,7 +193,7 @@ def recorded_all_reduces():
     try:
         yield calls
     finally:
-        dist.ProcessGroup.allreduce = real
+        dist.ProcessGroup.allreduce = saved
 
 
 def free_port() -> int:

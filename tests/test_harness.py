@@ -1,4 +1,4 @@
-"""The job runner of tests/harness.py: a timed-out job leaves no process behind.
+"""tests/harness.py itself: a timed-out job leaves no process behind; the all_reduce recorder.
 
 torchrun starts every worker in a session of its own, so killing the launcher's process group
 (what the tests did before) leaves the workers running, holding the output pipe open: the test
@@ -13,7 +13,9 @@ import sys
 import time
 
 import pytest
-from harness import kill_tree, launcher_free_env, run_command
+import torch
+import torch.distributed as dist
+from harness import kill_tree, launcher_free_env, recorded_all_reduces, run_command, run_ranks
 
 SLEEPER = "import os, pathlib, time; pathlib.Path(os.environ['PIDS'], str(os.getpid())).touch(); time.sleep(600)"
 
@@ -62,3 +64,17 @@ def test_run_command_returns_code_and_output_without_launcher_variables():
         [sys.executable, "-c", "import os, sys; print(os.environ.get('RANK')); sys.exit(3)"], timeout=60
     )
     assert (code, output.strip()) == (3, "None")
+
+
+def _record_then_reduce(rank, world):
+    with recorded_all_reduces() as calls:
+        dist.all_reduce(torch.ones(3))
+    after = torch.ones(2)
+    dist.all_reduce(after)  # the ProcessGroup's method is restored with its binding
+    return calls, after
+
+
+def test_recorded_all_reduces_counts_every_all_reduce_and_restores_the_process_group():
+    for calls, after in run_ranks(_record_then_reduce, 2):
+        assert calls == [(3, torch.float32)]
+        assert after.tolist() == [2.0, 2.0]

@@ -167,7 +167,7 @@ class CollectiveCounter:
 
         collectives.all_reduce = counted
         real_allreduce = dist.ProcessGroup.allreduce
-        self._saved["ProcessGroup.allreduce"] = real_allreduce
+        self._saved["ProcessGroup.allreduce"] = dist.ProcessGroup.__dict__["allreduce"]  # the bound descriptor
 
         def counted_allreduce(group, *args, **kwargs):
             self.calls.append("all_reduce")
