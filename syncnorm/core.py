@@ -24,6 +24,8 @@ statistics as they were, through device-side masks.
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from typing import Optional, Union
 
 import torch
@@ -106,6 +108,23 @@ def channel_view(t: Tensor, ndim: int) -> Tensor:
 # statistics
 
 
+_scratch_space = threading.local()
+
+
+def _scratch(numel: int, dtype: torch.dtype) -> Tensor:
+    """A per-thread CPU buffer of at least ``numel`` elements, reused across calls.
+
+    The two-pass statistics need a temporary the size of the input (at most
+    ``_TWO_PASS_BLOCK_NUMEL`` elements); a fresh allocation of that size is freshly mapped
+    memory on every call, whose page faults cost as much as the pass itself.
+    """
+    buffers = _scratch_space.__dict__.setdefault("buffers", {})
+    buffer = buffers.get(dtype)
+    if buffer is None or buffer.numel() < numel:
+        buffer = buffers[dtype] = torch.empty(numel, dtype=dtype)
+    return buffer
+
+
 def local_moments(input: Tensor) -> tuple[Tensor, Tensor]:
     """Per-channel mean and biased variance of an (N, C, *) tensor, in the statistics dtype.
 
@@ -129,11 +148,15 @@ def local_moments(input: Tensor) -> tuple[Tensor, Tensor]:
         mean = per_sample.mean((0, 2), dtype=dtype)
         centre = mean.view(1, channels, 1)
         block = max(1, _TWO_PASS_BLOCK_NUMEL // (channels * per_sample.shape[2]))
+        scratch = _scratch(min(block, per_sample.shape[0]) * channels * per_sample.shape[2], dtype)
         if block >= per_sample.shape[0]:
-            return mean, torch.sub(per_sample, centre).square_().mean((0, 2))
+            deviations = scratch[: per_sample.numel()].view(per_sample.shape)
+            return mean, torch.sub(per_sample, centre, out=deviations).square_().mean((0, 2))
         square_sum = torch.zeros_like(mean)
         for start in range(0, per_sample.shape[0], block):
-            square_sum += torch.sub(per_sample[start : start + block], centre).square_().sum((0, 2))
+            chunk = per_sample[start : start + block]
+            deviations = scratch[: chunk.numel()].view(chunk.shape)
+            square_sum += torch.sub(chunk, centre, out=deviations).square_().sum((0, 2))
         return mean, square_sum.div_(per_sample.shape[0] * per_sample.shape[2])
     if input.dtype == dtype or input.is_cuda:
         # On CUDA the kernel returns float32 statistics for half inputs by itself.
@@ -305,7 +328,7 @@ def update_running_stats(
     below ``min_count`` leaves the buffers unchanged; on CUDA through a device-side mask.
     Called only after the op has succeeded, so a failed step never half-updates them.
     """
-    with torch.no_grad():
+    with torch.no_grad() if torch.is_grad_enabled() else contextlib.nullcontext():
         dtype = running_mean.dtype
         if host_count is not None and not isinstance(momentum, Tensor) and dtype in (torch.float32, torch.float64):
             if host_count < min_count:

@@ -90,7 +90,7 @@ def synchronised_batch_norm(
         )
         ops.custom_op_running_update(running, mean, var, count, momentum)
         return output
-    return ops.EagerBatchNorm.apply(input, weight, bias, running, momentum, eps, group, layer, check)
+    return ops.EagerBatchNorm.apply(input, weight, bias, (running, momentum, eps, group, layer, check))
 
 
 def writes_in_place(input: Tensor) -> bool:
@@ -148,7 +148,5 @@ def inplace_abn(
             ops.custom_op_running_update(running, mean, var, count, momentum)
         return output
     in_place = inplace and writes_in_place(input)
-    return ops.EagerInPlaceABN.apply(
-        input, weight, bias, running, momentum, batch_stats, in_place, eps, activation, float(activation_param), group,
-        layer, check,
-    )  # fmt: skip
+    spec = (running, momentum, batch_stats, in_place, eps, activation, float(activation_param), group, layer, check)
+    return ops.EagerInPlaceABN.apply(input, weight, bias, spec)

@@ -83,35 +83,42 @@ def batch_norm_backward(
     return core.like(grad_input, input), sum_dy_xhat, sum_dy
 
 
-def _parameter_grads(needs: tuple[bool, bool], weight, bias, grad_weight, grad_bias):
-    grad_weight = None if not needs[0] else core.cast(grad_weight, weight.dtype)
-    grad_bias = None if not needs[1] else core.cast(grad_bias, bias.dtype)
+def _parameter_grads(needs, dtypes, grad_weight, grad_bias):
+    grad_weight = None if not needs[1] else core.cast(grad_weight, dtypes[0])
+    grad_bias = None if not needs[2] else core.cast(grad_bias, dtypes[1])
     return grad_weight, grad_bias
 
 
+def _dtypes(weight: Optional[Tensor], bias: Optional[Tensor]) -> tuple:
+    return (None if weight is None else weight.dtype), (None if bias is None else bias.dtype)
+
+
 class EagerBatchNorm(torch.autograd.Function):
-    """Eager training-mode SyncBatchNorm: forward, running-statistics update, backward."""
+    """Eager training-mode SyncBatchNorm: forward, running-statistics update, backward.
+
+    ``spec`` is ``(running, momentum, eps, group, layer, check)``, one argument: each argument
+    of ``apply`` costs host time.
+    """
 
     @staticmethod
-    def forward(ctx, input, weight, bias, running, momentum, eps, group, layer, check):
+    def forward(ctx, input, weight, bias, spec):
+        running, momentum, eps, group, layer, check = spec
         output, mean, var, count, host_count = batch_norm_forward(input, weight, bias, eps, group, layer, check)
         if running is not None:
             core.update_running_stats(*running, mean, var, count, momentum, host_count)
-        ctx.save_for_backward(input, weight, bias, mean, var, count)
+        ctx.save_for_backward(input, weight, mean, var, count)
         ctx.config = (host_count, eps, group, layer, check)
+        ctx.dtypes = _dtypes(weight, bias)
         return output
 
     @staticmethod
     def backward(ctx, grad):
-        input, weight, bias, mean, var, count = ctx.saved_tensors
+        input, weight, mean, var, count = ctx.saved_tensors
+        needs = ctx.needs_input_grad
         grad_input, grad_weight, grad_bias = batch_norm_backward(
-            grad, input, weight, mean, var, count, *ctx.config, ctx.needs_input_grad[0]
+            grad, input, weight, mean, var, count, *ctx.config, needs[0]
         )
-        return (
-            grad_input,
-            *_parameter_grads(ctx.needs_input_grad[1:3], weight, bias, grad_weight, grad_bias),
-            *(None,) * 6,
-        )
+        return grad_input, *_parameter_grads(needs, ctx.dtypes, grad_weight, grad_bias), None
 
 
 @torch.library.custom_op("syncnorm::batch_norm_forward", mutates_args=())
@@ -157,21 +164,19 @@ def _(grad, input, weight, mean, var, count, eps, group_name, layer, check, inpu
 def _batch_norm_setup_context(ctx, inputs, output):
     input, weight, bias, eps, group_name, layer, check = inputs
     _, mean, var, count = output
-    ctx.save_for_backward(input, weight, bias, mean, var, count)
+    ctx.save_for_backward(input, weight, mean, var, count)
     ctx.config = (eps, group_name, layer, check)
+    ctx.dtypes = _dtypes(weight, bias)
 
 
 def _batch_norm_op_backward(ctx, grad, _grad_mean, _grad_var, _grad_count):
-    input, weight, bias, mean, var, count = ctx.saved_tensors
+    input, weight, mean, var, count = ctx.saved_tensors
     needs = ctx.needs_input_grad
     grad_input, grad_weight, grad_bias = torch.ops.syncnorm.batch_norm_backward(
         grad, input, weight, mean, var, count, *ctx.config, needs[0]
     )
-    return (
-        grad_input if needs[0] else None,
-        *_parameter_grads(needs[1:3], weight, bias, grad_weight, grad_bias),
-        *(None,) * 4,
-    )
+    grad_input = grad_input if needs[0] else None
+    return grad_input, *_parameter_grads(needs, ctx.dtypes, grad_weight, grad_bias), *(None,) * 4
 
 
 torch.library.register_autograd(
@@ -287,8 +292,8 @@ class EagerInPlaceABN(torch.autograd.Function):
     """Eager InPlace-ABN: forward into ``out`` (the input itself when in place), running update, backward."""
 
     @staticmethod
-    def forward(ctx, input, weight, bias, running, momentum, training, in_place, eps, activation, param, group,
-                layer, check):  # fmt: skip
+    def forward(ctx, input, weight, bias, spec):
+        running, momentum, training, in_place, eps, activation, param, group, layer, check = spec
         out = input if in_place else torch.empty_like(input)
         eval_mean, eval_var = (None, None) if training else running
         mean, var, count, host_count = inplace_abn_forward(
@@ -301,19 +306,17 @@ class EagerInPlaceABN(torch.autograd.Function):
         # The output, not the input, is what backward needs: the whole point of the layer.
         ctx.save_for_backward(out, weight, bias, mean, var, count)
         ctx.config = (host_count, eps, activation, param, group, layer, check, training)
+        ctx.dtypes = _dtypes(weight, bias)
         return out
 
     @staticmethod
     def backward(ctx, grad):
         output, weight, bias, mean, var, count = ctx.saved_tensors
+        needs = ctx.needs_input_grad
         grad_input, grad_weight, grad_bias = inplace_abn_backward(
-            grad, output, weight, bias, mean, var, count, *ctx.config, ctx.needs_input_grad[0]
+            grad, output, weight, bias, mean, var, count, *ctx.config, needs[0]
         )
-        return (
-            grad_input,
-            *_parameter_grads(ctx.needs_input_grad[1:3], weight, bias, grad_weight, grad_bias),
-            *(None,) * 10,
-        )
+        return grad_input, *_parameter_grads(needs, ctx.dtypes, grad_weight, grad_bias), None
 
 
 @torch.library.custom_op("syncnorm::inplace_abn_forward", mutates_args=())
@@ -359,6 +362,7 @@ def _inplace_abn_setup_context(ctx, inputs, output):
     _, weight, bias, eval_mean, _, *config = inputs
     ctx.save_for_backward(output[0], weight, bias, *output[1:])
     ctx.config = (*config, eval_mean is None)
+    ctx.dtypes = _dtypes(weight, bias)
 
 
 def _inplace_abn_op_backward(ctx, grad, _grad_mean, _grad_var, _grad_count):
@@ -367,11 +371,8 @@ def _inplace_abn_op_backward(ctx, grad, _grad_mean, _grad_var, _grad_count):
     grad_input, grad_weight, grad_bias = torch.ops.syncnorm.inplace_abn_backward(
         grad, output, weight, bias, mean, var, count, *ctx.config, needs[0]
     )
-    return (
-        grad_input if needs[0] else None,
-        *_parameter_grads(needs[1:3], weight, bias, grad_weight, grad_bias),
-        *(None,) * 8,
-    )
+    grad_input = grad_input if needs[0] else None
+    return grad_input, *_parameter_grads(needs, ctx.dtypes, grad_weight, grad_bias), *(None,) * 8
 
 
 torch.library.register_autograd(
