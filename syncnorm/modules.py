@@ -154,7 +154,7 @@ class SyncBatchNorm(SyncLayer, _BatchNorm):
         self._init_sync(process_group)
 
     def _check_input_dim(self, input: Tensor) -> None:
-        pass  # validate_input in the functional layer raises with the layer's name
+        pass  # forward validates, naming the layer
 
     def forward(self, input: Tensor) -> Tensor:
         tracking = self._tracking()

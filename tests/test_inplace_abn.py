@@ -509,3 +509,19 @@ def test_activation_checkpointing_gives_the_same_gradients_and_updates_running_s
     assert int(results[1][-1]) == 1
     for plain, checkpointed in zip(*results):
         torch.testing.assert_close(checkpointed, plain, **TIGHT)
+
+
+@pytest.mark.parametrize("activation", ["leaky_relu", "elu", "identity"])
+@pytest.mark.parametrize("batch", [3, 0], ids=["batch3", "empty"])
+def test_backward_op_gives_the_strides_its_fake_kernel_promises(activation, batch):
+    # Compiled code holds the op to its fake kernel's empty_like(output); a channels_last output
+    # meeting a contiguous grad must not hand back the grad's layout.
+    output = torch.randn(batch, 4, 3, 5).contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(batch, 4, 3, 5)
+    stats = torch.zeros(4), torch.ones(4), torch.full((1,), max(batch, 1) * 15.0, dtype=torch.float64)
+    param = 1.0 if activation == "elu" else 0.01
+    grad_input, _, _ = torch.ops.syncnorm.inplace_abn_backward(
+        grad, output, torch.ones(4), torch.zeros(4), *stats, 1e-5, activation, param, "", "probe", False, True, True
+    )
+    assert grad_input.shape == output.shape
+    assert grad_input.stride() == torch.empty_like(output).stride()
