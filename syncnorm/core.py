@@ -111,13 +111,16 @@ def channel_view(t: Tensor, ndim: int) -> Tensor:
 _scratch_space = threading.local()
 
 
-def _scratch(numel: int, dtype: torch.dtype) -> Tensor:
+def _scratch(numel: int, like: Tensor, dtype: torch.dtype) -> Tensor:
     """A per-thread CPU buffer of at least ``numel`` elements, reused across calls.
 
     The two-pass statistics need a temporary the size of the input (at most
-    ``_TWO_PASS_BLOCK_NUMEL`` elements); a fresh allocation of that size is freshly mapped
-    memory on every call, whose page faults cost as much as the pass itself.
+    ``_TWO_PASS_BLOCK_NUMEL`` elements, so at most 16 MiB in float32 is kept per thread and
+    dtype); a fresh allocation of that size is freshly mapped memory on every call, whose page
+    faults cost as much as the pass itself. Tensor subclasses (fake tensors) get a fresh one.
     """
+    if type(like) is not Tensor:
+        return like.new_empty(numel, dtype=dtype)
     buffers = _scratch_space.__dict__.setdefault("buffers", {})
     buffer = buffers.get(dtype)
     if buffer is None or buffer.numel() < numel:
@@ -148,7 +151,7 @@ def local_moments(input: Tensor) -> tuple[Tensor, Tensor]:
         mean = per_sample.mean((0, 2), dtype=dtype)
         centre = mean.view(1, channels, 1)
         block = max(1, _TWO_PASS_BLOCK_NUMEL // (channels * per_sample.shape[2]))
-        scratch = _scratch(min(block, per_sample.shape[0]) * channels * per_sample.shape[2], dtype)
+        scratch = _scratch(min(block, per_sample.shape[0]) * channels * per_sample.shape[2], input, dtype)
         if block >= per_sample.shape[0]:
             deviations = scratch[: per_sample.numel()].view(per_sample.shape)
             return mean, torch.sub(per_sample, centre, out=deviations).square_().mean((0, 2))

@@ -208,6 +208,42 @@ def test_compiled_backward_stays_on_the_device(fake_mode: FakeTensorMode) -> Non
             fake_cuda.run_backward(output, torch.randn_like(output))
 
 
+def _full_size_copies(checker: fake_cuda.CudaOpChecker, numel: int) -> list[str]:
+    return [
+        op.name
+        for op in checker.ops
+        if ("copy" in op.name or "clone" in op.name)
+        and any(isinstance(a, torch.Tensor) and a.numel() == numel for a in op.args)
+    ]
+
+
+def test_no_avoidable_work_on_the_device(fake_mode: FakeTensorMode) -> None:
+    """Half inputs need no scratch statistics buffers (the CUDA kernel returns float32), the
+    backward computes 1 / sqrt(var + eps) once, and a channels_last input meeting a contiguous
+    grad gets its gradient without a full-size copy."""
+    with fake_mode:
+        layer = syncnorm.SyncBatchNorm(C, device="cuda").train()
+        x = torch.randn(2, C, 4, 5, device="cuda", dtype=torch.float16).requires_grad_()
+        with fake_cuda.checked() as forward:
+            output = layer(x)
+        per_channel_buffers = [
+            op.name
+            for op in forward.ops
+            if op.name.split(".")[1] in ("new_zeros", "new_ones") and list(op.args[1]) == [C]
+        ]
+        assert per_channel_buffers == []
+        with fake_cuda.checked() as backward:
+            fake_cuda.run_backward(output, torch.randn_like(output))
+        assert backward.count("aten", "rsqrt") == 1
+        x = torch.randn(2, C, 4, 5, device="cuda").to(memory_format=torch.channels_last).requires_grad_()
+        output = layer(x)
+        grad = torch.randn(output.shape, device="cuda")  # contiguous
+        with fake_cuda.checked() as backward:
+            grad_input = output.grad_fn.apply(grad)[0]  # the layer's own backward, before AccumulateGrad
+        assert _full_size_copies(backward, x.numel()) == []
+        assert grad_input.stride() == x.stride()
+
+
 # --- the checker itself: what it must flag, and what it must let through ----------------------
 
 SAMPLE = (4, C)
