@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import subprocess
 import time
 
 import torch
@@ -54,6 +56,20 @@ def _layer(kind: str, channels: int, ndim: int, device: str) -> nn.Module:
     if kind == "syncnorm":
         return syncnorm.SyncBatchNorm(channels).to(device)
     return nn.SyncBatchNorm(channels).to(device)
+
+
+def _syncnorm_commit() -> str:
+    """The commit of the syncnorm that was imported (its checkout's HEAD, "+dirty" if changed)."""
+    where = os.path.dirname(os.path.abspath(syncnorm.__file__))
+
+    def run(*args: str) -> str:
+        return subprocess.run(["git", "-C", where, *args], capture_output=True, text=True).stdout.strip()
+
+    try:
+        commit = run("rev-parse", "--short", "HEAD") or "unknown"
+        return commit + ("+dirty" if run("status", "--porcelain", "--", ".") else "")
+    except OSError:
+        return "unknown"
 
 
 def _count_ops(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> tuple[int, int]:
@@ -126,7 +142,11 @@ def main() -> None:
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=FAKE_WORLD)
     shapes = TINY_SHAPES + MEDIUM_SHAPES + (RESNET50_LAYER_SHAPES if options.large else ())
     rows = measure(options.device, shapes, options.repeats, options.inner)
-    print(f"host time per fwd+bwd, W={FAKE_WORLD} (fake group), {options.device}, torch {torch.__version__}")
+    commit = _syncnorm_commit()
+    print(
+        f"host time per fwd+bwd, W={FAKE_WORLD} (fake group), {options.device}, torch {torch.__version__}, "
+        f"syncnorm {commit}"
+    )
     print(f"{options.repeats} interleaved pairs per shape; x BN: median per-pair ratio [quartiles]")
     print(f"{'shape':>18} {'layer':>24} {'host us':>9} {'x BN':>7} {'quartiles':>15} {'ops fwd/bwd':>12}")
     for row in rows:
@@ -138,7 +158,13 @@ def main() -> None:
         )
     if options.json:
         with open(options.json, "w") as handle:
-            record = {"device": options.device, "torch": torch.__version__, "repeats": options.repeats, "rows": rows}
+            record = {
+                "device": options.device,
+                "torch": torch.__version__,
+                "syncnorm_commit": commit,
+                "repeats": options.repeats,
+                "rows": rows,
+            }
             json.dump(record, handle, indent=1)
     dist.destroy_process_group()
 
