@@ -5,7 +5,7 @@ CUDA (NCCL), one all_reduce of O(C) values per pass, torch.compile friendly.
 """
 
 from . import functional
-from .collectives import group_size, new_sync_groups, resolve_group
+from .collectives import group_size, new_sync_groups, resolve_group, set_wait_warning
 from .convert import convert_sync_batchnorm, register_conversion, revert_sync_batchnorm
 from .errors import (
     PreciseBNWarning,
@@ -13,6 +13,8 @@ from .errors import (
     SyncNormDriftWarning,
     SyncNormMismatchError,
     SyncNormNonFiniteError,
+    SyncNormSetupWarning,
+    SyncNormWaitWarning,
 )
 from .fuse import FusionReport, fuse_inplace_abn
 from .guard import check_enabled, set_check
@@ -37,6 +39,8 @@ __all__ = [
     "SyncNormDriftWarning",
     "SyncNormMismatchError",
     "SyncNormNonFiniteError",
+    "SyncNormSetupWarning",
+    "SyncNormWaitWarning",
     "check_enabled",
     "convert_sync_batchnorm",
     "functional",
@@ -51,4 +55,5 @@ __all__ = [
     "resolve_group",
     "revert_sync_batchnorm",
     "set_check",
+    "set_wait_warning",
 ]

@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from collections import deque
+from datetime import timedelta
 from typing import Any, Optional, Union
 
 import torch
@@ -41,6 +43,9 @@ __all__ = [
     "group_size",
     "new_sync_groups",
     "resolve_group",
+    "set_wait_warning",
+    "warn_if_launched_without_group",
+    "wait_warning_seconds",
 ]
 
 # What users may pass as ``process_group``: nothing (the default group), a
@@ -74,6 +79,36 @@ def resolve_group(process_group: SyncGroup) -> Optional[dist.ProcessGroup]:
             f"DeviceMesh, got {type(process_group).__name__}"
         )
     return process_group
+
+
+_warned_not_distributed = False
+
+
+def warn_if_launched_without_group(layer: str) -> None:
+    """Warn once when a launcher started several processes but torch.distributed is not initialised.
+
+    torchrun (and Lightning, SLURM's wrappers, ...) set ``WORLD_SIZE``; without
+    ``init_process_group`` every layer would quietly train as per-rank BatchNorm, with
+    different running statistics on each rank. Called by layers in training mode only.
+    """
+    global _warned_not_distributed
+    if _warned_not_distributed or dist.is_initialized():
+        return
+    world = os.environ.get("WORLD_SIZE", "")
+    if not world.isdigit() or int(world) <= 1:
+        return
+    _warned_not_distributed = True
+    from .errors import SyncNormSetupWarning
+
+    warnings.warn(
+        f"syncnorm: layer '{layer}' runs in training mode with WORLD_SIZE={world} in the environment, but "
+        "torch.distributed is not initialised, so it normalises with this process's batch alone (as "
+        "nn.BatchNorm) and the ranks' running statistics drift apart. Call "
+        'torch.distributed.init_process_group("nccl" or "gloo") in every process before the first '
+        "forward.",
+        SyncNormSetupWarning,
+        stacklevel=3,
+    )
 
 
 def group_size(process_group: SyncGroup) -> int:
@@ -156,6 +191,78 @@ def _options(op) -> dist.AllreduceOptions:
     return options
 
 
+# --- the warning for a collective that waits long ---------------------------------------------
+
+DEFAULT_WAIT_WARNING_S = 60.0
+_wait_warning_override: Optional[float] = None
+
+
+def set_wait_warning(seconds: Optional[float]) -> None:
+    """After how many seconds a rank waiting in a syncnorm collective warns (on CPU/gloo).
+
+    The rank keeps waiting after the warning (another rank may be busy, validating alone for
+    instance) until the process group's timeout, which raises :class:`SyncNormCollectiveError`.
+    ``0`` turns the warning off; ``None`` goes back to the environment variable
+    ``SYNCNORM_WAIT_WARNING`` (seconds), else 60.
+    """
+    global _wait_warning_override
+    if seconds is not None and not seconds >= 0:
+        raise ValueError(f"syncnorm.set_wait_warning: seconds must be >= 0 or None, got {seconds}")
+    _wait_warning_override = seconds
+
+
+def wait_warning_seconds() -> float:
+    """The threshold in force: ``set_wait_warning``'s value, else ``SYNCNORM_WAIT_WARNING``, else 60."""
+    if _wait_warning_override is not None:
+        return _wait_warning_override
+    value = os.environ.get("SYNCNORM_WAIT_WARNING", "")
+    try:
+        return float(value) if value else DEFAULT_WAIT_WARNING_S
+    except ValueError:
+        raise ValueError(f"syncnorm: SYNCNORM_WAIT_WARNING must be a number of seconds, got {value!r}") from None
+
+
+_timeouts: dict[float, timedelta] = {}
+
+
+def _wait_loudly(work, group: dist.ProcessGroup, layer: str, what: str) -> None:
+    """Wait for a gloo collective; past the threshold, warn once, then wait on to the group's timeout."""
+    seconds = wait_warning_seconds()
+    if not seconds:
+        work.wait()
+        return
+    timeout = _timeouts.get(seconds)
+    if timeout is None:
+        timeout = _timeouts[seconds] = timedelta(seconds=seconds)
+    started = time.monotonic()
+    try:
+        work.wait(timeout)
+        return
+    except RuntimeError as err:
+        # gloo's timed wait says "Operation timed out!" and leaves the work pending; any other
+        # error (a peer gone, the group's own timeout) is the collective's failure.
+        if "Operation timed out" not in str(err) or time.monotonic() - started < 0.99 * seconds:
+            raise
+    from .errors import SyncNormWaitWarning
+    from .guard import check_enabled
+
+    guard = (
+        "The guard (SYNCNORM_CHECK=1) is on: if the ranks disagree about this layer, it names them once they meet."
+        if check_enabled()
+        else "Run every rank with SYNCNORM_CHECK=1 to have the rank that went elsewhere named."
+    )
+    warnings.warn(
+        f"syncnorm: rank {dist.get_rank()} has waited {time.monotonic() - started:.0f} s in the {what} "
+        f"all_reduce of layer '{layer}' (group of {group.size()}) for the other ranks. Likely causes: a rank left "
+        "in eval mode, a rank that skipped this layer or backward(), ranks with different numbers of batches; "
+        f"or another rank is busy elsewhere (validating alone). It keeps waiting until the process group's "
+        f"timeout. {guard} (This warning: SYNCNORM_WAIT_WARNING=<seconds>, 0 turns it off.)",
+        SyncNormWaitWarning,
+        stacklevel=2,
+    )
+    work.wait()
+
+
 def all_reduce(
     tensor: torch.Tensor,
     group: dist.ProcessGroup,
@@ -173,11 +280,17 @@ def all_reduce(
     try:
         if torch.compiler.is_compiling():
             dist.all_reduce(tensor, op=op, group=group)
-        else:
+        elif wait:
             # The process group's own call: dist.all_reduce's argument checks and logging
             # wrappers cost more host time than a small layer's whole compute.
+            _wait_loudly(group.allreduce([tensor], _options(op)), group, layer, what)
+        else:
+            # CUDA (NCCL): wait() only orders the current stream after the collective; a
+            # timed wait would block the host until the GPU finished.
             group.allreduce([tensor], _options(op)).wait()
     except Exception as err:  # backend errors have no common base class
+        if wait:
+            _still_held.append(tensor)  # the backend may still hold it: never its last reference
         from .guard import check_hint
 
         raise SyncNormCollectiveError(

@@ -8,6 +8,8 @@ __all__ = [
     "SyncNormDriftWarning",
     "SyncNormMismatchError",
     "SyncNormNonFiniteError",
+    "SyncNormSetupWarning",
+    "SyncNormWaitWarning",
 ]
 
 
@@ -31,6 +33,14 @@ class SyncNormDriftWarning(UserWarning):
     """The running statistics of a synchronised layer differ between ranks."""
 
 
+class SyncNormWaitWarning(UserWarning):
+    """A rank has waited long in a syncnorm collective for the other ranks."""
+
+
+class SyncNormSetupWarning(UserWarning):
+    """The launcher started several processes, but torch.distributed is not initialised."""
+
+
 # Reported (repr, tracebacks, pickles) under the path the docs and users write.
 for _cls in (
     SyncNormCollectiveError,
@@ -38,5 +48,7 @@ for _cls in (
     SyncNormNonFiniteError,
     PreciseBNWarning,
     SyncNormDriftWarning,
+    SyncNormWaitWarning,
+    SyncNormSetupWarning,
 ):
     _cls.__module__ = "syncnorm"

@@ -61,6 +61,8 @@ def sync_batch_norm(
         weight, bias = core.affine_in_dtype(weight, bias, dtype)
         if training and input.numel() // input.shape[1] <= 1:
             raise core.too_few_values(layer, input.numel() // input.shape[1])
+        if training:
+            collectives.warn_if_launched_without_group(layer)
         if not training:
             guard.verify_eval(group, input, layer, guard.check_requested(check), guard.KIND_FORWARD)
         if isinstance(momentum, Tensor):
@@ -135,6 +137,8 @@ def inplace_abn(
     batch_stats = training or running_mean is None
     if not training:
         guard.verify_eval(group, input, layer, check, guard.KIND_FORWARD)
+    elif group is None:
+        collectives.warn_if_launched_without_group(layer)
     weight, bias = core.affine_in_dtype(weight, bias, core.stats_dtype(input.dtype))
     running = None if running_mean is None or running_var is None else (running_mean, running_var)
     group = group if training else None

@@ -176,6 +176,7 @@ class SyncBatchNorm(SyncLayer, _BatchNorm):
         counted, momentum = self._begin_step(group is not None)
         try:
             if group is None:  # not distributed, or a group of one rank: exactly nn.BatchNorm
+                collectives.warn_if_launched_without_group(self.layer_name)
                 if input.numel() <= input.shape[1]:
                     raise core.too_few_values(self.layer_name, input.numel() // input.shape[1])
                 running_mean = self.running_mean if tracking else None

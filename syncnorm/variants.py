@@ -165,6 +165,8 @@ class _SyncInstanceNorm(SyncLayer, _InstanceNorm):
             )
         if not (self.training and tracking and self.momentum):
             return self._normalise_instances(input, None)
+        if collectives.group_size(self.process_group) == 1:
+            collectives.warn_if_launched_without_group(self.layer_name)
         # With momentum 1 the kernel writes each instance's mean and unbiased variance
         # into these buffers in the same pass that normalises (zeros, since 0 * NaN
         # garbage would stay NaN).

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from harness import RankError, run_ranks, shard
+from harness import RankError, launcher_free_env, run_ranks, shard
 from torch import nn
 
 import syncnorm
@@ -47,7 +47,7 @@ def test_public_exceptions_report_their_public_module_path(name):
 
 
 def test_warnings_report_the_public_path_and_the_lightning_module_reexports_its_own():
-    for name in ("SyncNormDriftWarning", "PreciseBNWarning"):
+    for name in ("SyncNormDriftWarning", "PreciseBNWarning", "SyncNormWaitWarning", "SyncNormSetupWarning"):
         cls = getattr(syncnorm, name)
         assert repr(cls) == f"<class 'syncnorm.{name}'>" and issubclass(cls, UserWarning)
     pytest.importorskip("pytorch_lightning")
@@ -233,3 +233,68 @@ def test_timeout_messages_say_which_switch_names_the_rank(guard_on):
     else:
         assert "run every rank with SYNCNORM_CHECK=1" in error.message
     assert "docs/troubleshooting.md" in error.message
+
+
+# --- no silent wait, no silent per-rank BatchNorm ------------------------------------------------
+
+
+def test_a_rank_left_in_eval_mode_is_a_warning_then_an_error_and_both_ranks_exit_cleanly(tmp_path):
+    job = ROOT / "tests" / "wait_warning_job.py"
+    env = launcher_free_env(SYNCNORM_WAIT_WARNING="1", SYNCNORM_CHECK="0")
+    store, pg_timeout = tmp_path / "store", 5.0
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(job), str(rank), str(store), str(pg_timeout)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for rank in range(2)
+    ]
+    outputs = [proc.communicate(timeout=120) for proc in procs]
+    for proc, (out, err) in zip(procs, outputs):
+        assert proc.returncode == 0, out + err
+        assert "terminate called" not in err, err
+    out = outputs[0][0]
+    warned = re.search(r"rank 0: SyncNormWaitWarning after ([\d.]+) s: (.*)", out)
+    assert warned, out
+    assert 0.9 <= float(warned.group(1)) < 0.8 * pg_timeout, out
+    message = warned.group(2)
+    for part in ("rank 0", "forward statistics", "layer '1'", "eval mode", "SYNCNORM_CHECK=1"):
+        assert part in message, message
+    failed = re.search(r"rank 0: SyncNormCollectiveError after ([\d.]+) s", out)
+    assert failed and float(failed.group(1)) >= 0.9 * pg_timeout, out
+    assert out.count("SyncNormWaitWarning") == 1, out
+
+
+SETUP_PROBE = """
+import warnings, torch, syncnorm
+from torch import nn
+warnings.simplefilter("always")
+layer = syncnorm.SyncBatchNorm(3)
+abn = syncnorm.InPlaceABN(3)
+with warnings.catch_warnings(record=True) as caught:
+    layer.eval()(torch.randn(4, 3))  # eval mode: nothing to say
+    layer.train()(torch.randn(4, 3))
+    layer(torch.randn(4, 3))
+    abn(torch.randn(4, 3))
+for warning in caught:
+    print(f"{warning.category.__name__}: {warning.message}")
+"""
+
+
+@pytest.mark.parametrize("world_size", ["2", "1", ""], ids=["WORLD_SIZE=2", "WORLD_SIZE=1", "unset"])
+def test_training_under_a_launcher_without_a_process_group_warns_once(world_size):
+    env = launcher_free_env()
+    if world_size:
+        env["WORLD_SIZE"] = world_size
+    done = subprocess.run([sys.executable, "-c", SETUP_PROBE], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    lines = [line for line in done.stdout.splitlines() if line.startswith("SyncNormSetupWarning")]
+    if world_size != "2":
+        assert lines == []
+        return
+    assert len(lines) == 1, done.stdout
+    for part in ("'SyncBatchNorm#", "WORLD_SIZE=2", "init_process_group"):
+        assert part in lines[0], lines[0]
