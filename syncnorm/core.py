@@ -7,7 +7,8 @@ SyncInstanceNorm its per-instance statistic).
 Statistics step, per channel, with n_r the rank's value count:
 
     local:   mean_r, var_r             (two passes, or torch's Welford kernel)
-    reduce:  [n, sum x, sum x^2] = sum over ranks of [n_r, n_r mean_r, n_r (var_r + mean_r^2)]
+    reduce:  [n, sum x, sum x^2] = sum over ranks of [n_r, n_r mean_r, n_r (var_r + mean_r^2)],
+             after the layer's fingerprint [f, f^2] (see fingerprint_head)
     global:  mean = sum x / n,  var = sum x^2 / n - mean^2   (biased, float64, clamped at 0)
 
 The payload is float64: in float32, ``sum x^2 / n - mean^2`` loses every digit of the variance
@@ -26,12 +27,14 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import zlib
 from typing import Optional, Union
 
 import torch
 from torch import Tensor
 
 from . import collectives, guard
+from .errors import SyncNormMismatchError
 
 Momentum = Union[float, Tensor]
 
@@ -180,15 +183,67 @@ def _one(like: Tensor) -> Tensor:
 
 
 def pack(count: Union[int, Tensor], first: Tensor, second: Tensor) -> Tensor:
-    """``[count, first (C), second (C)]`` in float64: the layout of every statistics payload."""
+    """``[count, first (C), second (C)]`` in float64: the statistics part of every payload."""
     head = count.reshape(1).to(torch.float64) if isinstance(count, Tensor) else _one(first).mul(count)
     return cast(torch.cat((head, first, second)), torch.float64)
 
 
-def moments_payload(count: int, mean: Tensor, var: Tensor) -> Tensor:
-    """``[n, n mean, n (var + mean^2)]`` in float64, for a rank's n values per channel."""
+# Every per-layer payload starts with [f, f^2], f a fingerprint of the layer and the pass. After
+# the SUM, W * sum f^2 - (sum f)^2 = sum over pairs of ranks (f_i - f_j)^2: zero when every rank
+# sent the same f, at least W - 1 otherwise, and every rank sees the same sums, so every rank
+# reaches the same verdict with no extra collective. f < 2^12 keeps the sums exact in float64
+# for groups of up to 2^14 ranks.
+_FINGERPRINT_RANGE = 4095
+_fingerprints: dict[tuple[str, str], tuple[int, Tensor]] = {}
+
+
+def fingerprint_head(layer: str, what: str, like: Tensor) -> Tensor:
+    """``[f, f^2]`` in float64 on ``like``'s device, for this layer's ``what`` pass."""
+    known = _fingerprints.get((layer, what))
+    if known is None:
+        f = 1 + zlib.crc32(f"{layer}\0{what}".encode()) % _FINGERPRINT_RANGE
+        known = _fingerprints[(layer, what)] = (f, torch.tensor([f, f * f], dtype=torch.float64))
+    f, head = known
+    if like.device.type == "cpu":
+        return head
+    # Fill kernels: a Python number copied into a device tensor would be a blocking copy, and a
+    # cached device tensor could be born inside a CUDA-graph capture.
+    head = like.new_full((2,), float(f), dtype=torch.float64)
+    head[1:].mul_(f)
+    return head
+
+
+def verify_fingerprint(sums: Tensor, group_size: int, layer: str, what: str) -> Optional[list[float]]:
+    """Raise on every rank if the ranks' payloads came from different layers or passes.
+
+    ``sums`` starts with the reduced ``[sum f, sum f^2]``. On CPU the check reads them (and
+    returns the first three values, so the caller reads the count in the same go); on CUDA it
+    is a device-side assert, which reads nothing back: the next synchronising call then fails
+    with "device-side assert triggered".
+    """
+    message = (
+        f"syncnorm: the ranks of a group of {group_size} reached different synchronised layers in the {what} "
+        f"all_reduce (this rank is at layer '{layer}'), so their statistics would have mixed. A dynamic network, "
+        "a skipped block (LayerDrop) or per-rank control flow does this: every rank must run the same "
+        "synchronised layers in the same order, forward and backward. Run every rank with SYNCNORM_CHECK=1 "
+        "to have the ranks and their layers named."
+    )
+    spread = (group_size - 1) / 2
+    if sums.is_cuda or torch.compiler.is_compiling():
+        torch._assert_async(group_size * sums[1] - sums[0] * sums[0] <= spread, message)
+        return None
+    head = sums[:3].tolist()
+    if group_size * head[1] - head[0] * head[0] > spread:
+        raise SyncNormMismatchError(message)
+    return head
+
+
+def moments_payload(count: int, mean: Tensor, var: Tensor, layer: str, what: str) -> Tensor:
+    """``[f, f^2, n, n mean, n (var + mean^2)]`` in float64, for a rank's n values per channel."""
     mean = cast(mean, torch.float64)
-    return torch.cat((_one(mean), mean, torch.addcmul(var, mean, mean))).mul_(count)
+    payload = torch.cat((fingerprint_head(layer, what, mean), _one(mean), mean, torch.addcmul(var, mean, mean)))
+    payload[2:].mul_(count)
+    return payload
 
 
 def reduce_payload(payload: Tensor, group, *, layer: str, what: str, check: bool, input: Tensor, kind: int) -> Tensor:
@@ -202,25 +257,32 @@ def reduce_payload(payload: Tensor, group, *, layer: str, what: str, check: bool
     return payload
 
 
-def reduced_means(payload: Tensor) -> tuple[Tensor, Tensor, Tensor, Optional[float]]:
-    """(count, first / count, second / count, host count) of a reduced ``[count, first, second]``.
+def reduced_means(
+    payload: Tensor, group_size: int, layer: str, what: str
+) -> tuple[Tensor, Tensor, Tensor, Optional[float]]:
+    """(count, first / count, second / count, host count) of a reduced ``[f, f^2, count, first, second]``.
 
-    The host count is a Python float on CPU (reading it costs nothing there) and None on CUDA
-    or while compiling, where everything stays on the device.
+    The fingerprint is verified first (:func:`verify_fingerprint`). The host count is a Python
+    float on CPU (reading it costs nothing there) and None on CUDA or while compiling, where
+    everything stays on the device. A payload that never left this process (``group_size``
+    1) carries no fingerprint to check.
     """
-    channels = (payload.numel() - 1) // 2
-    count, first, second = payload.split_with_sizes((1, channels, channels))
+    channels = (payload.numel() - 3) // 2
+    _, count, first, second = payload.split_with_sizes((2, 1, channels, channels))
+    head = verify_fingerprint(payload, group_size, layer, what) if group_size > 1 else None
     if payload.is_cuda or torch.compiler.is_compiling():
         host_count, scale = None, count.reciprocal()
     else:
-        host_count = float(count)
+        host_count = head[2] if head is not None else float(count)
         scale = 1.0 / host_count if host_count else 0.0
     return count, first * scale, second * scale, host_count
 
 
-def global_moments(payload: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Optional[float]]:
+def global_moments(
+    payload: Tensor, dtype: torch.dtype, group_size: int, layer: str, what: str
+) -> tuple[Tensor, Tensor, Tensor, Optional[float]]:
     """(mean, biased var, count, host count) from a reduced moments payload; stats in ``dtype``."""
-    count, mean, mean_square, host_count = reduced_means(payload)
+    count, mean, mean_square, host_count = reduced_means(payload, group_size, layer, what)
     var = mean_square.addcmul_(mean, mean, value=-1).clamp_min_(0)
     if dtype != torch.float64:
         mean, var = cast(mean, dtype), cast(var, dtype)
@@ -248,11 +310,10 @@ def batch_statistics(input: Tensor, group, layer: str, check: bool) -> tuple[Ten
         if count <= 1:
             raise too_few_values(layer, count)
         return mean, var, mean.new_full((1,), count, dtype=torch.float64), count
-    payload = moments_payload(local_count, mean, var)
-    reduce_payload(
-        payload, group, layer=layer, what="forward statistics", check=check, input=input, kind=guard.KIND_FORWARD
-    )
-    mean, var, count, host_count = global_moments(payload, mean.dtype)
+    what = "forward statistics"
+    payload = moments_payload(local_count, mean, var, layer, what)
+    reduce_payload(payload, group, layer=layer, what=what, check=check, input=input, kind=guard.KIND_FORWARD)
+    mean, var, count, host_count = global_moments(payload, mean.dtype, group.size(), layer, what)
     if host_count is not None and host_count <= 1:
         raise too_few_values(layer, host_count)
     return mean, var, count, host_count
@@ -284,12 +345,21 @@ def reduce_grad_sums(
     sum_dy: Tensor, sum_dy_xhat: Tensor, count: Tensor, host_count: Optional[float], group, layer: str,
     check: bool, input: Tensor, sign: float = 1.0,
 ) -> Tensor:  # fmt: skip
-    """The gradient all_reduce: ``sign * [mean dy, mean dy * x_hat]`` over the group, shape (2, C)."""
-    sums = torch.stack((sum_dy, sum_dy_xhat))
-    if group is not None:
+    """The gradient all_reduce: ``sign * [mean dy, mean dy * x_hat]`` over the group, shape (2, C).
+
+    The payload is ``[f, f^2, sum dy (C), sum dy * x_hat (C)]`` in float64 (the fingerprint's
+    sums must stay exact); the means come back in the sums' dtype.
+    """
+    if group is None:
+        sums = torch.stack((sum_dy, sum_dy_xhat))
+    else:
+        what = "backward gradient"
         if check:
             guard.verify_consistency(group, layer, input, training=True, kind=guard.KIND_BACKWARD)
-        collectives.all_reduce(sums, group, layer=layer, what="backward gradient")
+        payload = torch.cat((fingerprint_head(layer, what, sum_dy), sum_dy, sum_dy_xhat))
+        collectives.all_reduce(payload, group, layer=layer, what=what)
+        verify_fingerprint(payload, group.size(), layer, what)
+        sums = cast(payload[2:], sum_dy.dtype).view(2, -1)
     if host_count is not None:
         return sums.mul_(sign / host_count if host_count else 0.0)
     means = sums.div_(count.to(sums.dtype))

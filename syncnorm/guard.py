@@ -289,7 +289,7 @@ def verify_finite(
 ) -> None:
     """Raise :class:`SyncNormNonFiniteError` on every rank if the reduced values are not finite.
 
-    ``global_values`` (the all-reduced ``[count, sum x, sum x^2]``) is identical on
+    ``global_values`` (the all-reduced ``[f, f^2, count, sum x, sum x^2]``) is identical on
     every rank, so they all take the same branch; the gather that names the ranks
     whose own ``local_values`` were not finite runs only on that (failing) branch.
     """
@@ -300,8 +300,10 @@ def verify_finite(
     flags = all_gather_rows(local_bad, group, layer=layer, what="non-finite-guard").flatten().tolist()
     ranks = dist.get_process_group_ranks(group)
     culprits = [rank for rank, flag in zip(ranks, flags) if flag]
-    channels = (global_values.numel() - 1) // 2
-    bad_channels = sorted({(int(i) - 1) % channels for i in (~finite).nonzero().flatten().tolist() if i > 0})
+    head = 3  # the layer fingerprint (2 values) and the count come before the 2C sums
+    channels = (global_values.numel() - head) // 2
+    bad = (~finite).nonzero().flatten().tolist()
+    bad_channels = sorted({(int(i) - head) % channels for i in bad if i >= head})
     shown = ", ".join(map(str, bad_channels[:8])) + (", ..." if len(bad_channels) > 8 else "")
     if culprits:
         source = (

@@ -17,7 +17,7 @@ Backward, from y alone:
     z = act^-1(y)      leaky_relu: y / slope where y < 0;  elu: log1p(y / alpha) where y < 0
     dz = dy * act'(z)  in terms of y: slope, resp. y + alpha, where y <= 0; 1 elsewhere
     x_hat = (z - beta) / gamma'
-    reduce: [sum dz, sum dz * x_hat]  (2C values, one all_reduce)
+    reduce: [sum dz, sum dz * x_hat]  (2C values and the layer fingerprint, one all_reduce)
     dx = gamma' / sqrt(var + eps) * (dz - sum dz / n - x_hat * sum(dz x_hat) / n)
     d gamma = sum_local dz * x_hat,  d beta = sum_local dz
 

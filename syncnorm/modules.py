@@ -112,9 +112,11 @@ class SyncBatchNorm(SyncLayer, _BatchNorm):
 
     * runs on CPU (gloo) as well as CUDA (NCCL): it is deliberately *not* a
       ``torch.nn.SyncBatchNorm``, which ``DistributedDataParallel`` rejects on CPU;
-    * does one all_reduce of ``2C + 1`` float64 values per forward and one of
-      ``2C`` values per backward. Payload does not grow with the world size, and
-      empty ranks need no mask (they add zeros), so there is no host sync;
+    * does one all_reduce of ``2C + 3`` float64 values per forward and one of
+      ``2C + 2`` per backward: the statistics, and a fingerprint of the layer and the
+      pass, so that ranks at different layers raise instead of mixing statistics. The
+      payload does not grow with the world size, and empty ranks need no mask (they add
+      zeros), so there is no host sync;
     * keeps the variance itself in float64 (not ``1/invstd^2 - eps``), so it stays
       right when the mean is large next to the standard deviation or the
       variance is small next to eps;

@@ -8,7 +8,7 @@ set of values is normalised together (dim 1) and every other dim is reduced:
   normalised over its own spatial positions. This is also how torch's
   ``instance_norm`` works, and it is local to each sample, so the normalisation
   never needs other ranks; only the tracked running statistics are averaged
-  over all ranks' instances (one all_reduce of ``2C + 1`` values).
+  over all ranks' instances (one all_reduce of ``2C + 3`` values, fingerprint included).
 * LayerNorm2d normalises the C values at each position: batch norm of the
   ``(1, N*H*W, C)`` view, or, identically, layer norm of the channels-last view
   over its last dim, which is what it runs (measured faster, see its docstring).
@@ -203,24 +203,28 @@ class _SyncInstanceNorm(SyncLayer, _InstanceNorm):
     def _update_running_stats(self, instance_mean: Tensor, instance_var: Tensor, input: Tensor) -> None:
         """running = lerp(running, average over all ranks' instances, momentum), as nn.InstanceNorm on one process.
 
-        One all_reduce of [instance count, sum of means (C), sum of unbiased variances (C)]
-        in float64 through the core, so uneven batches weigh each instance equally and every
-        rank ends with identical buffers. No instances anywhere (all batches empty) leaves the
-        buffers as they are (nn.InstanceNorm would write NaN).
+        One all_reduce of [layer fingerprint (2), instance count, sum of means (C), sum of
+        unbiased variances (C)] in float64 through the core, so uneven batches weigh each
+        instance equally and every rank ends with identical buffers. No instances anywhere (all
+        batches empty) leaves the buffers as they are (nn.InstanceNorm would write NaN).
         """
+        what = "running statistics"
         with torch.no_grad():
-            payload = core.pack(
+            sums = core.pack(
                 instance_mean.shape[0],
                 instance_mean.sum(0, dtype=torch.float64),
                 instance_var.sum(0, dtype=torch.float64),
             )
+            payload = torch.cat((core.fingerprint_head(self.layer_name, what, sums), sums))
+            group_size = 1
             if self._synchronises_running_stats():
+                group = collectives.resolve_group(self.process_group)
+                group_size = group.size()
                 core.reduce_payload(
-                    payload, collectives.resolve_group(self.process_group), layer=self.layer_name,
-                    what="running statistics", check=guard.check_requested(self.check), input=input,
-                    kind=guard.KIND_RUNNING_STATS,
+                    payload, group, layer=self.layer_name, what=what, check=guard.check_requested(self.check),
+                    input=input, kind=guard.KIND_RUNNING_STATS,
                 )  # fmt: skip
-            count, mean, var, host_count = core.reduced_means(payload)
+            count, mean, var, host_count = core.reduced_means(payload, group_size, self.layer_name, what)
             core.update_running_stats(
                 self.running_mean, self.running_var, mean, var, count, self.momentum, host_count,
                 min_count=1, unbiased=False,
@@ -245,7 +249,7 @@ _SYNC_INSTANCE_NORM_DOC = r"""InstanceNorm{dims}d whose tracked running statisti
     and its gradients never need other ranks. With ``track_running_stats=True``, in
     training mode, the running mean and running (unbiased) variance are updated with
     the average over every rank's instances, weighted by instance count, through one
-    all_reduce of ``2C + 1`` float64 values: they stay identical on all ranks and equal
+    all_reduce of ``2C + 3`` float64 values: they stay identical on all ranks and equal
     what ``nn.InstanceNorm{dims}d`` computes on the global batch. Eval mode uses the
     running statistics (when tracked) and never communicates; with the consistency
     guard on it joins the guard's check, like :class:`syncnorm.SyncBatchNorm`.

