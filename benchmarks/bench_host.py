@@ -15,7 +15,7 @@ repetitions of the per-pair ratios: timing each layer in a block of its own drif
 2x on a shared machine. Reports per shape: microseconds per fwd+bwd (median), the
 median per-pair ratio to nn.BatchNorm, and the aten ops per pass counted with a
 ``TorchDispatchMode`` (what the layer asks the dispatcher for, forward / backward;
-the backward count includes the ``ones_like`` that autograd starts it with).
+the backward counts include the three gradient accumulations, input, weight and bias).
 """
 
 from __future__ import annotations

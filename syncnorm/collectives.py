@@ -44,6 +44,7 @@ __all__ = [
     "new_sync_groups",
     "resolve_group",
     "set_wait_warning",
+    "synchronised_group",
     "warn_if_launched_without_group",
     "wait_warning_seconds",
 ]
@@ -109,6 +110,12 @@ def warn_if_launched_without_group(layer: str) -> None:
         SyncNormSetupWarning,
         stacklevel=3,
     )
+
+
+def synchronised_group(process_group: SyncGroup) -> Optional[dist.ProcessGroup]:
+    """The resolved group when it has two or more ranks, else None (this process alone)."""
+    group = resolve_group(process_group)
+    return group if group is not None and group.size() > 1 else None
 
 
 def group_size(process_group: SyncGroup) -> int:
@@ -188,6 +195,8 @@ def _options(op) -> dist.AllreduceOptions:
     if options is None:
         options = _ALLREDUCE_OPTIONS[op] = dist.AllreduceOptions()
         options.reduceOp = op
+        if hasattr(options, "asyncOp"):
+            options.asyncOp = False  # as dist.all_reduce(async_op=False): NCCL's synchronous route
     return options
 
 
@@ -283,11 +292,15 @@ def all_reduce(
         elif wait:
             # The process group's own call: dist.all_reduce's argument checks and logging
             # wrappers cost more host time than a small layer's whole compute.
-            _wait_loudly(group.allreduce([tensor], _options(op)), group, layer, what)
+            work = group.allreduce([tensor], _options(op))
+            if work is not None:
+                _wait_loudly(work, group, layer, what)
         else:
             # CUDA (NCCL): wait() only orders the current stream after the collective; a
             # timed wait would block the host until the GPU finished.
-            group.allreduce([tensor], _options(op)).wait()
+            work = group.allreduce([tensor], _options(op))
+            if work is not None:
+                work.wait()
     except Exception as err:  # backend errors have no common base class
         if wait:
             _still_held.append(tensor)  # the backend may still hold it: never its last reference

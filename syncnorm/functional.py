@@ -18,17 +18,13 @@ from torch import Tensor
 from . import collectives, core, guard, ops
 
 __all__ = ["inplace_abn", "sync_batch_norm", "writes_in_place"]
+# batch_norm_eval, batch_norm_local and batch_norm_training are the layers' shared paths, not API.
 
 
 def _num_features(running_mean: Optional[Tensor], weight: Optional[Tensor]) -> Optional[int]:
     if running_mean is not None:
         return running_mean.numel()
     return None if weight is None else weight.numel()
-
-
-def _synchronised_group(process_group: collectives.SyncGroup):
-    group = collectives.resolve_group(process_group)
-    return group if group is not None and group.size() > 1 else None
 
 
 def sync_batch_norm(
@@ -53,42 +49,75 @@ def sync_batch_norm(
     overrides the guard switch for this call.
     """
     core.validate_input(input, _num_features(running_mean, weight), layer)
-    group = _synchronised_group(process_group)
-    if not training or group is None:
-        # torch's kernels want weight and bias in the running buffers' dtype, or (without
-        # buffers) in the input's statistics dtype.
-        dtype = core.stats_dtype(input.dtype) if running_mean is None else running_mean.dtype
-        weight, bias = core.affine_in_dtype(weight, bias, dtype)
-        if training and input.numel() // input.shape[1] <= 1:
-            raise core.too_few_values(layer, input.numel() // input.shape[1])
-        if training:
-            collectives.warn_if_launched_without_group(layer)
-        if not training:
-            guard.verify_eval(group, input, layer, guard.check_requested(check), guard.KIND_FORWARD)
+    group = collectives.synchronised_group(process_group)
+    running = None if running_mean is None or running_var is None else (running_mean, running_var)
+    if not training:
+        guard.verify_eval(group, input, layer, guard.check_requested(check), guard.KIND_FORWARD)
+        return batch_norm_eval(input, running, weight, bias, eps)
+    if group is None:
         if isinstance(momentum, Tensor):
             momentum = float(momentum)
-        return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
-    running = None if running_mean is None or running_var is None else (running_mean, running_var)
-    return synchronised_batch_norm(input, running, weight, bias, momentum, eps, group, layer, check)
+        return batch_norm_local(input, running, weight, bias, momentum, eps, layer)
+    return batch_norm_training(input, running, weight, bias, momentum, eps, group, layer, check)
 
 
-def synchronised_batch_norm(
-    input: Tensor,
-    running: Optional[tuple[Tensor, Tensor]],
-    weight: Optional[Tensor],
-    bias: Optional[Tensor],
-    momentum: Union[float, Tensor],
+# --- the paths, shared by the functional form and the layers ---------------------------------
+
+
+def _native_dtype(input_dtype: torch.dtype, dtype: torch.dtype) -> bool:
+    """Whether torch's batch-norm kernels take running statistics of ``dtype`` next to this input."""
+    return dtype == input_dtype or (dtype == torch.float32 and input_dtype in (torch.float16, torch.bfloat16))
+
+
+def batch_norm_eval(
+    input: Tensor, running: Optional[tuple[Tensor, Tensor]], weight: Optional[Tensor], bias: Optional[Tensor],
     eps: float,
-    group,
-    layer: str,
-    check: Optional[bool],
-) -> Tensor:
-    """The training-mode path over a group of two or more ranks, for a validated input."""
+) -> Tensor:  # fmt: skip
+    """Eval mode: the running statistics (batch statistics without them); never communicates.
+
+    Weight, bias and running statistics are used in the statistics' dtype where torch's kernel
+    would refuse their own dtype next to the input's (bfloat16 buffers with a float32 input),
+    as the synchronised path does; elsewhere this is exactly ``F.batch_norm``.
+    """
+    if running is None:
+        weight, bias = core.affine_in_dtype(weight, bias, core.stats_dtype(input.dtype))
+        return F.batch_norm(input, None, None, weight, bias, True, 0.0, eps)
+    running_mean, running_var = running
+    if not _native_dtype(input.dtype, running_mean.dtype):
+        dtype = core.stats_dtype(input.dtype)
+        running_mean, running_var = core.cast(running_mean, dtype), core.cast(running_var, dtype)
+    weight, bias = core.affine_in_dtype(weight, bias, running_mean.dtype)
+    return F.batch_norm(input, running_mean, running_var, weight, bias, False, 0.0, eps)
+
+
+def batch_norm_local(
+    input: Tensor, running: Optional[tuple[Tensor, Tensor]], weight: Optional[Tensor], bias: Optional[Tensor],
+    momentum: float, eps: float, layer: str,
+) -> Tensor:  # fmt: skip
+    """Training without other ranks: exactly ``F.batch_norm`` (nn.BatchNorm), or the core's path
+    with the same dtype rule as the synchronised one where torch's kernel would refuse the
+    running statistics' dtype next to the input's."""
+    collectives.warn_if_launched_without_group(layer)
+    if input.numel() <= input.shape[1]:
+        raise core.too_few_values(layer, input.numel() // input.shape[1])
+    if running is not None and not _native_dtype(input.dtype, running[0].dtype):
+        return batch_norm_training(input, running, weight, bias, momentum, eps, None, layer, False)
+    dtype = core.stats_dtype(input.dtype) if running is None else running[0].dtype
+    weight, bias = core.affine_in_dtype(weight, bias, dtype)
+    running_mean, running_var = (None, None) if running is None else running
+    return F.batch_norm(input, running_mean, running_var, weight, bias, True, momentum, eps)
+
+
+def batch_norm_training(
+    input: Tensor, running: Optional[tuple[Tensor, Tensor]], weight: Optional[Tensor], bias: Optional[Tensor],
+    momentum: Union[float, Tensor], eps: float, group, layer: str, check: Optional[bool],
+) -> Tensor:  # fmt: skip
+    """Training on the core (``group`` None: this process alone), for a validated input."""
     weight, bias = core.affine_in_dtype(weight, bias, core.stats_dtype(input.dtype))
     check = guard.check_requested(check)
     if ops.compiling():
         output, mean, var, count = torch.ops.syncnorm.batch_norm_forward(
-            input, weight, bias, eps, group.group_name, layer, check
+            input, weight, bias, eps, "" if group is None else group.group_name, layer, check
         )
         ops.custom_op_running_update(running, mean, var, count, momentum)
         return output
@@ -132,7 +161,7 @@ def inplace_abn(
     """
     ops.check_activation(activation, activation_param, layer)
     core.validate_input(input, _num_features(running_mean, weight), layer)
-    group = _synchronised_group(process_group)
+    group = collectives.synchronised_group(process_group)
     check = guard.check_requested(check)
     batch_stats = training or running_mean is None
     if not training:

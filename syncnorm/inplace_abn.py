@@ -3,9 +3,9 @@
 BatchNorm followed by an invertible activation, that keeps for backward only its *output*
 (plus O(C) statistics), never its input: the backward recovers the normalised values from
 the output. A BatchNorm + activation pair keeps both the BatchNorm input and the activation
-output, so this halves what the pair saves. In plain PyTorch (CPU and CUDA), as
-``torch.library`` custom ops (``syncnorm::inplace_abn_forward`` / ``_backward``) so that
-``torch.compile(fullgraph=True)`` traces it.
+output, so this halves what the pair saves. In plain PyTorch (CPU and CUDA): eager calls
+run an autograd Function, and ``torch.compile(fullgraph=True)`` records the same bodies as
+``torch.library`` custom ops (``syncnorm::inplace_abn_forward`` / ``_backward``).
 
 Forward (statistics exactly as :func:`syncnorm.functional.sync_batch_norm`: one float64
 all_reduce of ``[n, n mean, n (var + mean^2)]``, none in eval or outside torch.distributed):

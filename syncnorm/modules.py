@@ -8,12 +8,11 @@ import itertools
 from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import collectives, core, guard
-from .functional import synchronised_batch_norm
+from .functional import batch_norm_eval, batch_norm_local, batch_norm_training
 
 __all__ = ["SyncBatchNorm", "SyncBatchNormAct2d", "SyncLayer"]
 
@@ -55,8 +54,7 @@ class SyncLayer:
 
     def _group(self):
         """The process group when it has more than one rank, else None (this process alone)."""
-        group = collectives.resolve_group(self.process_group)
-        return group if group is not None and group.size() > 1 else None
+        return collectives.synchronised_group(self.process_group)
 
     def _tracking(self) -> bool:
         return self.track_running_stats and self.running_mean is not None
@@ -159,35 +157,20 @@ class SyncBatchNorm(SyncLayer, _BatchNorm):
         pass  # forward validates, naming the layer
 
     def forward(self, input: Tensor) -> Tensor:
-        tracking = self._tracking()
+        core.validate_input(input, self.num_features, self.layer_name)
+        running = (self.running_mean, self.running_var) if self._tracking() else None
         if not self.training:
             # Eval never communicates (ranks may run different numbers of eval batches),
             # except for the opt-in consistency guard.
-            core.validate_input(input, self.num_features, self.layer_name)
             if guard.check_requested(self.check):
                 guard.verify_eval(self._group(), input, self.layer_name, True, guard.KIND_FORWARD)
-            running_mean = self.running_mean if tracking else None
-            weight, bias = core.affine_in_dtype(
-                self.weight, self.bias, core.stats_dtype(input.dtype) if running_mean is None else running_mean.dtype
-            )
-            return F.batch_norm(
-                input, running_mean, self.running_var if tracking else None, weight, bias, not tracking, 0.0, self.eps
-            )
-        core.validate_input(input, self.num_features, self.layer_name)
+            return batch_norm_eval(input, running, self.weight, self.bias, self.eps)
         group = self._group()
         counted, momentum = self._begin_step(group is not None)
         try:
-            if group is None:  # not distributed, or a group of one rank: exactly nn.BatchNorm
-                collectives.warn_if_launched_without_group(self.layer_name)
-                if input.numel() <= input.shape[1]:
-                    raise core.too_few_values(self.layer_name, input.numel() // input.shape[1])
-                running_mean = self.running_mean if tracking else None
-                dtype = core.stats_dtype(input.dtype) if running_mean is None else running_mean.dtype
-                weight, bias = core.affine_in_dtype(self.weight, self.bias, dtype)
-                running_var = self.running_var if tracking else None
-                return F.batch_norm(input, running_mean, running_var, weight, bias, True, momentum, self.eps)
-            running = (self.running_mean, self.running_var) if tracking else None
-            return synchronised_batch_norm(
+            if group is None:  # not distributed, or a group of one rank: nn.BatchNorm
+                return batch_norm_local(input, running, self.weight, self.bias, momentum, self.eps, self.layer_name)
+            return batch_norm_training(
                 input, running, self.weight, self.bias, momentum, self.eps, group, self.layer_name, self.check
             )
         except BaseException:

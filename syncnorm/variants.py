@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from torch.nn.modules.instancenorm import _InstanceNorm
 
 from . import collectives, core, guard
+from .functional import batch_norm_eval
 from .modules import SyncBatchNorm, SyncLayer, recomputing_in_backward
 
 __all__ = ["LayerNorm2d", "SyncInstanceNorm1d", "SyncInstanceNorm2d", "SyncInstanceNorm3d", "get_norm"]
@@ -146,17 +147,15 @@ class _SyncInstanceNorm(SyncLayer, _InstanceNorm):
 
     def _apply_instance_norm(self, input: Tensor) -> Tensor:
         # torch's _InstanceNorm.forward has checked the dims and unsqueezed unbatched input.
-        tracking = self.track_running_stats and self.running_mean is not None
+        tracking = self._tracking()
         core.validate_input(input, self.num_features if (self.affine or tracking) else None, self.layer_name)
         if not self.training and tracking:
             # Eval with running statistics: every instance gets the same per-channel
             # affine map, which is eval-mode batch norm. Never communicates (ranks may
             # run different eval batches), except to join the opt-in guard.
             if guard.check_requested(self.check) and self._synchronises_running_stats():
-                group = collectives.resolve_group(self.process_group)
-                guard.verify_eval(group, input, self.layer_name, True, guard.KIND_RUNNING_STATS)
-            weight, bias = core.affine_in_dtype(self.weight, self.bias, self.running_mean.dtype)
-            return F.batch_norm(input, self.running_mean, self.running_var, weight, bias, False, 0.0, self.eps)
+                guard.verify_eval(self._group(), input, self.layer_name, True, guard.KIND_RUNNING_STATS)
+            return batch_norm_eval(input, (self.running_mean, self.running_var), self.weight, self.bias, self.eps)
         spatial = input.shape[2:]
         if math.prod(spatial) <= 1:
             raise ValueError(
@@ -165,7 +164,7 @@ class _SyncInstanceNorm(SyncLayer, _InstanceNorm):
             )
         if not (self.training and tracking and self.momentum):
             return self._normalise_instances(input, None)
-        if collectives.group_size(self.process_group) == 1:
+        if self._group() is None:
             collectives.warn_if_launched_without_group(self.layer_name)
         # With momentum 1 the kernel writes each instance's mean and unbiased variance
         # into these buffers in the same pass that normalises (zeros, since 0 * NaN
@@ -191,8 +190,8 @@ class _SyncInstanceNorm(SyncLayer, _InstanceNorm):
             # and bias their (zero) gradients, which DDP expects from an empty rank.
             normalised = F.batch_norm(instances, None, None, None, None, True, 0.0, self.eps).reshape(input.shape)
             shape = (1, channels) + (1,) * len(spatial)
-            output = normalised * self.weight.view(shape)
-            return output if self.bias is None else output + self.bias.view(shape)
+            output = normalised * self.weight.view(shape).to(input.dtype)
+            return output if self.bias is None else output + self.bias.view(shape).to(input.dtype)
         # Weight and bias in the statistics' dtype, as the other layers (mixed precision).
         weight, bias = core.affine_in_dtype(self.weight, self.bias, core.stats_dtype(input.dtype))
         weight = None if weight is None else weight.repeat(batch)
@@ -216,15 +215,13 @@ class _SyncInstanceNorm(SyncLayer, _InstanceNorm):
                 instance_var.sum(0, dtype=torch.float64),
             )
             payload = torch.cat((core.fingerprint_head(self.layer_name, what, sums), sums))
-            group_size = 1
-            if self._synchronises_running_stats():
-                group = collectives.resolve_group(self.process_group)
-                group_size = group.size()
+            group = self._group() if self._synchronises_running_stats() else None
+            if group is not None:
                 core.reduce_payload(
                     payload, group, layer=self.layer_name, what=what, check=guard.check_requested(self.check),
                     input=input, kind=guard.KIND_RUNNING_STATS,
                 )  # fmt: skip
-            count, mean, var, host_count = core.reduced_means(payload, group_size, self.layer_name, what)
+            count, mean, var, host_count = core.reduced_means(payload, group, self.layer_name, what)
             core.update_running_stats(
                 self.running_mean, self.running_var, mean, var, count, self.momentum, host_count,
                 min_count=1, unbiased=False,
@@ -234,7 +231,7 @@ class _SyncInstanceNorm(SyncLayer, _InstanceNorm):
         return (
             self.track_running_stats
             and bool(self.momentum)  # momentum None or 0 leaves the buffers unchanged, as in torch
-            and collectives.group_size(self.process_group) > 1
+            and self._group() is not None
         )
 
 

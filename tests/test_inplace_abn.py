@@ -19,7 +19,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 import syncnorm
-from syncnorm.inplace_abn import InPlaceABN, InPlaceABNSync, inplace_abn
+from syncnorm.functional import inplace_abn
+from syncnorm.inplace_abn import InPlaceABN, InPlaceABNSync
 
 TIGHT = dict(rtol=1e-10, atol=1e-10)
 ACTIVATIONS = [("leaky_relu", 0.01), ("elu", 1.0), ("identity", 0.0), ("leaky_relu", 0.3), ("elu", 0.5)]

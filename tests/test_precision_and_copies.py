@@ -200,3 +200,45 @@ def test_deepcopy_and_save_outside_distributed():
     model.eval()
     loaded.eval()
     torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+
+
+# --- every layer, every dtype mix: the same rule ----------------------------------------------
+
+_REFERENCES = {
+    "SyncBatchNorm": lambda: nn.BatchNorm2d(3),
+    "InPlaceABN": lambda: nn.Sequential(nn.BatchNorm2d(3), nn.LeakyReLU(0.01)),
+    "SyncInstanceNorm2d": lambda: nn.InstanceNorm2d(3, affine=True, track_running_stats=True),
+}
+_LAYERS = {
+    "SyncBatchNorm": lambda: syncnorm.SyncBatchNorm(3),
+    "InPlaceABN": lambda: syncnorm.InPlaceABN(3),
+    "SyncInstanceNorm2d": lambda: syncnorm.SyncInstanceNorm2d(3, affine=True, track_running_stats=True),
+}
+
+
+@pytest.mark.parametrize("layer_name", list(_LAYERS))
+@pytest.mark.parametrize(
+    "param_dtype,input_dtype",
+    [(torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16), (torch.float64, torch.float32)],
+    ids=["bf16-params-f32-input", "f32-params-bf16-input", "f64-params-f32-input"],
+)
+def test_every_layer_takes_every_dtype_mix_in_training_and_eval(layer_name, param_dtype, input_dtype):
+    # The layer (parameters and buffers) in one dtype, the input in another: each layer trains and
+    # evaluates, outside torch.distributed too, with its statistics in the input's statistics dtype.
+    torch.manual_seed(0)
+    layer = _LAYERS[layer_name]().to(param_dtype)
+    reference = _REFERENCES[layer_name]().double()
+    x = torch.randn(4, 3, 5, 5, dtype=torch.float64) * 2 + 1
+    tolerance = (
+        {"rtol": 3e-2, "atol": 3e-2} if torch.bfloat16 in (param_dtype, input_dtype) else {"rtol": 1e-5, "atol": 1e-5}
+    )
+    for mode in ("train", "eval"):
+        layer.train(mode == "train")
+        reference.train(mode == "train")
+        out = layer(x.to(input_dtype))
+        assert out.dtype == input_dtype
+        torch.testing.assert_close(out.double(), reference(x), **tolerance)
+    norm = reference[0] if isinstance(reference, nn.Sequential) else reference
+    assert layer.running_mean.dtype == param_dtype
+    torch.testing.assert_close(layer.running_mean.double(), norm.running_mean, **tolerance)
+    torch.testing.assert_close(layer.running_var.double(), norm.running_var, **tolerance)
