@@ -295,6 +295,7 @@ def all_reduce(
             work = group.allreduce([tensor], _options(op))
             if work is not None:
                 _wait_loudly(work, group, layer, what)
+            del work  # the work holds the tensor: the release wait below counts on it being gone
         else:
             # CUDA (NCCL): wait() only orders the current stream after the collective; a
             # timed wait would block the host until the GPU finished.

@@ -76,6 +76,7 @@ def _held_after_return(rank, world):
         rows = collectives.all_gather_rows(row, dist.group.WORLD, layer="probe", what="test")
         held["syncnorm all_gather_rows"] += row._use_count() > before
         assert rows.tolist() == [[1, 1, 1]] * world
+    held["release waits that ran out"] = len(collectives._still_held)
     return held
 
 
@@ -88,6 +89,7 @@ def test_cpu_collectives_return_after_gloo_let_go_of_the_tensor():
     for rank, held in enumerate(run_ranks(_held_after_return, 2)):
         print(f"rank {rank}: calls of 200 that returned while gloo still held the tensor: {held}")
         assert held["syncnorm all_reduce"] == 0 and held["syncnorm all_gather_rows"] == 0, held
+        assert held["release waits that ran out"] == 0, held
 
 
 def _exit_counts(jobs: str, repeats: int) -> dict[str, tuple[int, int]]:
