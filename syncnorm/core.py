@@ -227,6 +227,16 @@ def _is_fake(group) -> bool:
     return fake
 
 
+def _mixed_layers_message(group_size: int, layer: str, what: str) -> str:
+    return (
+        f"syncnorm: the ranks of a group of {group_size} reached different synchronised layers in the {what} "
+        f"all_reduce (this rank is at layer '{layer}'), so their statistics would have mixed. A dynamic network, "
+        "a skipped block (LayerDrop) or per-rank control flow does this: every rank must run the same "
+        "synchronised layers in the same order, forward and backward. Run every rank with SYNCNORM_CHECK=1 "
+        "to have the ranks and their layers named."
+    )
+
+
 def verify_fingerprint(sums: Tensor, group, layer: str, what: str) -> Optional[list[float]]:
     """Raise on every rank if the ranks' payloads came from different layers or passes.
 
@@ -236,21 +246,16 @@ def verify_fingerprint(sums: Tensor, group, layer: str, what: str) -> Optional[l
     with "device-side assert triggered".
     """
     group_size = group.size()
-    message = (
-        f"syncnorm: the ranks of a group of {group_size} reached different synchronised layers in the {what} "
-        f"all_reduce (this rank is at layer '{layer}'), so their statistics would have mixed. A dynamic network, "
-        "a skipped block (LayerDrop) or per-rank control flow does this: every rank must run the same "
-        "synchronised layers in the same order, forward and backward. Run every rank with SYNCNORM_CHECK=1 "
-        "to have the ranks and their layers named."
-    )
     spread = (group_size - 1) / 2
     if sums.is_cuda or torch.compiler.is_compiling():
         if not _is_fake(group):
+            message = _mixed_layers_message(group_size, layer, what)
             torch._assert_async(group_size * sums[1] - sums[0] * sums[0] <= spread, message)
         return None
     head = sums[:3].tolist()
     if group_size * head[1] - head[0] * head[0] > spread and not _is_fake(group):
-        raise SyncNormMismatchError(message)
+        # The message is built only here: the CPU path runs this check in every pass.
+        raise SyncNormMismatchError(_mixed_layers_message(group_size, layer, what))
     return head
 
 
