@@ -20,6 +20,7 @@ import os
 import platform
 import random
 import sys
+import textwrap
 import time
 from collections.abc import Callable
 from typing import Optional
@@ -356,8 +357,10 @@ def plot_micro_ratios(micro: list[dict], baseline: str, path: str, meta: dict | 
     plt = pyplot()
     from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
 
+    # Drawn about as wide as the docs' content column shows it (8 in at 100 dpi), so the labels
+    # keep their point size on the page instead of being scaled down.
     worlds = sorted({entry["world"] for entry in micro})
-    figure, axes = plt.subplots(len(worlds), 1, figsize=(12, 3.4 * len(worlds) + 1.0), squeeze=False, sharey=True)
+    figure, axes = plt.subplots(len(worlds), 1, figsize=(8, 3.9 * len(worlds) + 1.6), squeeze=False, sharey=True)
     names = [name for name in micro[0]["times_ms"] if name != baseline]
     for axis, world in zip(axes[:, 0], worlds):
         entries = [entry for entry in micro if entry["world"] == world]
@@ -373,11 +376,10 @@ def plot_micro_ratios(micro: list[dict], baseline: str, path: str, meta: dict | 
                           color=VARIANT_COLOURS.get(name), label=name)  # fmt: skip
         axis.axhline(1.0, color="black", linewidth=0.8)
         axis.set_yscale("log")
-        axis.set_xticks(range(len(entries)), [e["case"] for e in entries], rotation=20, ha="right", fontsize=8)
-        axis.set_ylabel(f"time / {baseline}")
-        axis.set_title(
-            f"W = {world}: fwd+bwd per layer over {baseline} on the local batch (median, quartiles)", fontsize=10
-        )
+        axis.set_xticks(range(len(entries)), [e["case"] for e in entries], rotation=45, ha="right", fontsize=10)
+        axis.tick_params(axis="y", labelsize=10)
+        axis.set_ylabel(f"time / {baseline}", fontsize=11)
+        axis.set_title(f"W = {world}: fwd+bwd over {baseline} (median, quartiles)", fontsize=12)
         axis.grid(axis="y", which="major", alpha=0.3)
     ticks = [0.5, 1, 2, 5, 10, 20, 50, 100]
     for axis in axes[:, 0]:
@@ -385,11 +387,13 @@ def plot_micro_ratios(micro: list[dict], baseline: str, path: str, meta: dict | 
         axis.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
         axis.yaxis.set_minor_formatter(NullFormatter())
     notes = [VARIANT_NOTES[n] for n in names if n in VARIANT_NOTES]
-    figure.legend(*axes[0, 0].get_legend_handles_labels(), loc="upper right", fontsize=8, ncol=len(names))
-    figure.suptitle("Per-layer cost: " + _setting(meta), fontsize=10, x=0.01, ha="left")
+    axes[0, 0].legend(loc="upper left", fontsize=10, ncol=len(names))
+    figure.suptitle(
+        "Per-layer cost\n" + textwrap.fill(_setting(meta), 90), fontsize=10, x=0.01, ha="left", va="top", y=0.995
+    )
     if notes:
-        figure.text(0.01, 0.005, "; ".join(notes), fontsize=8)
-    figure.tight_layout(rect=(0, 0.02, 1, 0.96))
+        figure.text(0.01, 0.005, textwrap.fill("; ".join(notes), 100), fontsize=9)
+    figure.tight_layout(rect=(0, 0.035, 1, 0.965))
     figure.savefig(path, dpi=100)
     plt.close(figure)
 

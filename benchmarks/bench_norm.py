@@ -9,7 +9,7 @@ One run measures, side by side with interleaved repetitions (medians, rank 0's c
 * a tiny ResNet's DDP training step at W = 2, syncnorm against local BatchNorm;
 * the communication model (``comm_model.py``).
 
-Writes results.md, results.json and PNG plots into --out. This machine is noisy:
+Writes results.md, results.json, per_layer_ms.csv and PNG plots into --out. This machine is noisy:
 read the ratios, not the absolute times.
 
     python benchmarks/bench_norm.py --quick          # representative subset (default)
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import csv
 import json
 import os
 import shlex
@@ -285,10 +286,27 @@ def write_report(out: str, meta: dict, micro: list[dict], e2e: dict | None, comm
         handle.write(text)
     with open(os.path.join(out, "results.json"), "w") as handle:
         json.dump({"meta": meta, "micro": micro, "e2e": e2e}, handle, indent=1)
+    write_per_layer_csv(micro, os.path.join(out, "per_layer_ms.csv"))
     plot_micro_ratios(micro, BASELINE, os.path.join(out, "micro_ratios.png"), meta)
     if e2e:
         plot_step_ratios(e2e, BASELINE, os.path.join(out, "e2e_step.png"), meta)
     return text
+
+
+def write_per_layer_csv(micro: list[dict], path: str) -> None:
+    """The raw per-layer times, one row per world size, shape and variant: median and quartiles in ms."""
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["world", "case", "variant", "median_ms", "q1_ms", "q3_ms", "repetitions"])
+        for entry in micro:
+            for variant, times in entry["times_ms"].items():
+                ordered = sorted(times)
+                quartile = [ordered[len(ordered) // 4], ordered[(3 * len(ordered)) // 4]]
+                writer.writerow(
+                    [entry["world"], entry["case"], variant, f"{median(times):.4f}"]
+                    + [f"{value:.4f}" for value in quartile]
+                    + [len(times)]
+                )
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -327,11 +345,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def replot(out: str) -> None:
-    """Redraw the PNGs of an earlier run from its JSON files (no measurement)."""
+    """Redraw the PNGs and per_layer_ms.csv of an earlier run from its JSON files (no measurement)."""
     if not os.path.exists(os.path.join(out, "results.json")):
         raise SystemExit(f"bench_norm --replot: no results.json in {out}; run the benchmark into that folder first")
     with open(os.path.join(out, "results.json")) as handle:
         results = json.load(handle)
+    write_per_layer_csv(results["micro"], os.path.join(out, "per_layer_ms.csv"))
     plot_micro_ratios(results["micro"], BASELINE, os.path.join(out, "micro_ratios.png"), results["meta"])
     if results.get("e2e"):
         plot_step_ratios(results["e2e"], BASELINE, os.path.join(out, "e2e_step.png"), results["meta"])

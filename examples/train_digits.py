@@ -362,7 +362,7 @@ def train(args: argparse.Namespace) -> bool:
             total=len(batches),
             initial=batches_done,
             desc=f"epoch {epoch + 1}/{args.epochs}",
-            disable=rank != 0 or args.no_progress,
+            disable=rank != 0 or args.no_progress or not sys.stderr.isatty(),  # a bar in a log file is noise
             leave=False,
             dynamic_ncols=True,
         )

@@ -129,9 +129,20 @@ class SyncBatchNorm(SyncLayer, _BatchNorm):
     it is exactly ``nn.BatchNorm`` (torch's native kernel).
 
     Args:
+        num_features: the number of channels C of an (N, C) or (N, C, *spatial) input.
+        eps: added to the variance before its square root.
+        momentum: weight of the new batch in the running statistics;
+            ``None`` for a cumulative average over the batches seen.
+        affine: learn a per-channel weight (gamma) and bias (beta).
+        track_running_stats: keep running statistics for eval mode; without them
+            eval mode normalises each rank's batch by its own statistics (eval
+            never communicates).
         process_group: ranks to synchronise over: ``None`` (default group), a
             ``ProcessGroup`` (see :func:`syncnorm.new_sync_groups`) or a 1-D
             ``DeviceMesh`` such as ``mesh["dp"]``.
+        device: where the parameters and buffers are created.
+        dtype: their dtype; float16 and bfloat16 inputs work with float32 parameters.
+        bias: with ``affine=True``, learn the bias too (``False`` needs torch >= 2.13).
     """
 
     def __init__(

@@ -153,11 +153,14 @@ def _check_groups(synchronising: list[tuple[str, nn.Module]], group: Optional[di
 
 
 class _Progress:
-    """A tqdm bar when tqdm is installed, else a line on stderr at every tenth of the way."""
+    """A tqdm bar on a terminal with tqdm installed, else a line on stderr at every tenth of the way.
+
+    A bar redraws itself with carriage returns, which fill a log file when stderr is redirected.
+    """
 
     def __init__(self, total: int, enabled: bool) -> None:
         self.total, self.done, self.bar, self.enabled = total, 0, None, enabled
-        if enabled:
+        if enabled and sys.stderr.isatty():
             try:
                 from tqdm import tqdm
             except ImportError:

@@ -254,6 +254,20 @@ _SYNC_INSTANCE_NORM_DOC = r"""InstanceNorm{dims}d whose tracked running statisti
     Differences from ``nn.InstanceNorm{dims}d``: if every rank's batch is empty the
     running statistics are left unchanged (torch writes NaN), and the error for a
     channel mismatch with ``track_running_stats=True`` is raised before any collective.
+
+    Args:
+        num_features: the number of channels C.
+        eps: added to each instance's variance before its square root.
+        momentum: weight of the new batch in the running statistics;
+            ``None`` for a cumulative average over the batches seen.
+        affine: learn a per-channel weight and bias.
+        track_running_stats: keep running statistics, synchronised over the group,
+            and use them in eval mode. Without them nothing is ever communicated.
+        process_group: ranks to synchronise the running statistics over: ``None``
+            (default group), a ``ProcessGroup`` or a 1-D ``DeviceMesh``.
+        device: where the parameters and buffers are created.
+        dtype: their dtype.
+        bias: with ``affine=True``, learn the bias too (``False`` needs torch >= 2.13).
     """
 
 

@@ -21,12 +21,15 @@ REPO = Path(__file__).resolve().parent.parent
 LOCAL = REPO / "launch" / "torchrun_local.sh"
 TRAIN = REPO / "examples" / "train_digits.py"
 COMMAND_TIMEOUT = 200
-SHORT_RUN = ["--epochs", "1", "--limit-batches", "4", "--batch-size", "4", "--no-progress", "--device", "cpu"]
+SHORT_RUN = ["--epochs", "1", "--limit-batches", "4", "--batch-size", "4", "--device", "cpu"]
 
 
-def torchrun(out: Path, *args, env: dict[str, str] | None = None, expect_rc: int | None = 0) -> tuple[int, str]:
+def torchrun(
+    out: Path, *args, env: dict[str, str] | None = None, expect_rc: int | None = 0, progress: bool = False
+) -> tuple[int, str]:
     """``launch/torchrun_local.sh 2 train_digits.py ...``; the whole process tree is killed on a timeout."""
-    cmd = ["bash", str(LOCAL), "2", str(TRAIN), *SHORT_RUN, "--out", str(out), *map(str, args)]
+    flags = SHORT_RUN if progress else [*SHORT_RUN, "--no-progress"]
+    cmd = ["bash", str(LOCAL), "2", str(TRAIN), *flags, "--out", str(out), *map(str, args)]
     returncode, output = run_command(cmd, timeout=COMMAND_TIMEOUT, env=env)
     if expect_rc is not None:
         assert returncode == expect_rc, f"exit {returncode}: {cmd}\n{output[-5000:]}"
@@ -59,8 +62,10 @@ def test_rerun_of_a_finished_run_says_so_and_trains_nothing_and_fresh_trains_aga
     assert "epoch 1/1" not in again and "resuming" not in again
     assert files_of(out) == before  # nothing rewritten, not even the event log
 
-    _, fresh = torchrun(out, "--fresh")
+    _, fresh = torchrun(out, "--fresh", progress=True)
     assert "epoch 1/1" in fresh and "resuming" not in fresh and "already holds" not in fresh
+    # The progress bar is on, but the output goes to a pipe: no bar redrawing itself into the log.
+    assert "\r" not in fresh and "it/s" not in fresh
     assert [s["resumed_from"] for s in starts(out)] == [None]  # the old run's files were cleared
     # Deterministic: training again gives bitwise the same model.
     retrained = torch.load(out / "final_model.pt", weights_only=True)

@@ -416,9 +416,11 @@ def _progress_on_rank(rank, world, progress):
     return captured.getvalue()
 
 
-def test_progress_bar_on_the_first_rank_only_and_off_with_progress_false():
+def test_progress_on_the_first_rank_only_as_lines_when_not_a_terminal_and_off_with_progress_false():
     shown = run_ranks(_progress_on_rank, 2, True)
     assert "precise BN" in shown[0] and shown[1] == ""
+    # stderr is not a terminal here: lines, not a bar that redraws itself with carriage returns
+    assert "\r" not in shown[0] and "precise BN: 3/3 batches" in shown[0]
     assert run_ranks(_progress_on_rank, 2, False) == ["", ""]
 
 

@@ -1,0 +1,65 @@
+"""tools/check_docs_render.py in headless Chromium: it passes a page that fits and fails one that does not.
+
+`.ci/run` installs Chromium and runs the check on the real site; this proves the check can fail.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+CHECK = REPO / "tools" / "check_docs_render.py"
+CHROMIUM = next(
+    (shutil.which(name) for name in ("chromium", "chromium-browser", "google-chrome") if shutil.which(name)), None
+)
+
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="needs Chromium (.ci/run installs Debian's chromium)")
+
+# A 1x1 PNG.
+PIXEL = bytes.fromhex(
+    "89504e470d0a1a0a0000000d4948445200000001000000010806000000"
+    "1f15c4890000000d49444154789c6360000002000154a24f5d0000000049454e44ae426082"
+)
+
+
+def page(body: str) -> str:
+    return (
+        "<html><body><div class='md-content__inner' style='width: 600px; padding: 0 20px'>"
+        f"<h1>Title</h1>{body}</div></body></html>"
+    )
+
+
+def check(site: Path) -> subprocess.CompletedProcess:
+    command = [sys.executable, str(CHECK), str(site), "--chromium", CHROMIUM]
+    return subprocess.run(command, capture_output=True, text=True, timeout=240)
+
+
+@pytest.mark.timeout(300)
+def test_a_page_that_fits_passes_and_a_wide_table_or_a_missing_image_fails(tmp_path):
+    site = tmp_path / "site"
+    (site / "good").mkdir(parents=True)
+    (site / "good" / "pixel.png").write_bytes(PIXEL)
+    (site / "good" / "index.html").write_text(
+        page(
+            "<table><tr><td>short</td><td>table</td></tr></table><img src='pixel.png'>"
+            "<pre><code>" + "a code block may scroll " * 40 + "</code></pre>"
+        )  # fmt: skip
+    )
+    done = check(site)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "every page renders within its column" in done.stdout
+
+    (site / "wide").mkdir()
+    cells = "".join(f"<td>column{i}_that_does_not_wrap</td>" for i in range(12))
+    (site / "wide" / "index.html").write_text(page(f"<h2>Wide</h2><table><tr>{cells}</tr></table><img src='gone.png'>"))
+    done = check(site)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "wide/index.html: table 0 under 'Wide' (12 columns" in done.stderr
+    assert "px wide in a 600 px column" in done.stderr
+    assert "wide/index.html: image gone.png did not load" in done.stderr
+    assert "good/index.html" not in done.stderr
