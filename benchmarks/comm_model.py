@@ -125,7 +125,8 @@ def plot(model: dict, path: str) -> None:
     plt = pyplot()
     from matplotlib.ticker import FixedLocator, FuncFormatter
 
-    figure, axes = plt.subplots(1, 2, figsize=(11, 4.4))
+    # Drawn about as wide as the docs' content column shows it, so the labels keep their size there.
+    figure, axes = plt.subplots(2, 1, figsize=(7.5, 8.2))
     labels = {"syncnorm": "syncnorm (all_reduce)", "all_gather": "all_gather (torch.nn.SyncBatchNorm)"}
     for axis, channels_key in zip(axes, (256, "ResNet-50 (53 layers)")):
         rows = [row for row in model["rows"] if row["channels"] == channels_key]
@@ -136,7 +137,7 @@ def plot(model: dict, path: str) -> None:
         axis.set_yscale("log")
         axis.xaxis.set_major_locator(FixedLocator(worlds))  # every world size labelled, W = 2 included
         axis.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
-        axis.tick_params(axis="x", labelsize=8)
+        axis.tick_params(labelsize=10)
         axis.set_xlabel("world size W")
         axis.set_ylabel("bytes per rank per step")
         title = f"one layer, C = {channels_key}" if isinstance(channels_key, int) else channels_key
@@ -144,11 +145,11 @@ def plot(model: dict, path: str) -> None:
         axis.grid(True, which="both", alpha=0.3)
         axis.legend()
     figure.suptitle(
-        "Communication per training step, computed from the measured payload sizes (ring algorithms), not timed",
-        fontsize=10,
+        "Communication per training step, computed from the measured\npayload sizes (ring algorithms), not timed",
+        fontsize=11,
     )
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
+    figure.savefig(path, dpi=100)
     plt.close(figure)
 
 

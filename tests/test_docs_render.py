@@ -6,8 +6,10 @@
 from __future__ import annotations
 
 import shutil
+import struct
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import pytest
@@ -20,16 +22,27 @@ CHROMIUM = next(
 
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="needs Chromium (.ci/run installs Debian's chromium)")
 
-# A 1x1 PNG.
-PIXEL = bytes.fromhex(
-    "89504e470d0a1a0a0000000d4948445200000001000000010806000000"
-    "1f15c4890000000d49444154789c6360000002000154a24f5d0000000049454e44ae426082"
-)
+
+def png(width: int) -> bytes:
+    """A white PNG, ``width`` x 1 pixels."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, 1, 8, 0, 0, 0, 0)  # 8-bit greyscale
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\0" + b"\xff" * width))
+        + chunk(b"IEND", b"")
+    )
 
 
 def page(body: str) -> str:
+    """A page with the theme's content column and its rule that images shrink to fit it."""
     return (
-        "<html><body><div class='md-content__inner' style='width: 600px; padding: 0 20px'>"
+        "<html><head><style>img { max-width: 100%; }</style></head><body>"
+        "<div class='md-content__inner' style='width: 600px; padding: 0 20px'>"
         f"<h1>Title</h1>{body}</div></body></html>"
     )
 
@@ -40,13 +53,13 @@ def check(site: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.timeout(300)
-def test_a_page_that_fits_passes_and_a_wide_table_or_a_missing_image_fails(tmp_path):
+def test_a_page_that_fits_passes_and_a_wide_table_a_missing_image_or_a_shrunk_image_fails(tmp_path):
     site = tmp_path / "site"
     (site / "good").mkdir(parents=True)
-    (site / "good" / "pixel.png").write_bytes(PIXEL)
+    (site / "good" / "plot.png").write_bytes(png(500))
     (site / "good" / "index.html").write_text(
         page(
-            "<table><tr><td>short</td><td>table</td></tr></table><img src='pixel.png'>"
+            "<table><tr><td>short</td><td>table</td></tr></table><img src='plot.png'>"
             "<pre><code>" + "a code block may scroll " * 40 + "</code></pre>"
         )  # fmt: skip
     )
@@ -56,10 +69,15 @@ def test_a_page_that_fits_passes_and_a_wide_table_or_a_missing_image_fails(tmp_p
 
     (site / "wide").mkdir()
     cells = "".join(f"<td>column{i}_that_does_not_wrap</td>" for i in range(12))
-    (site / "wide" / "index.html").write_text(page(f"<h2>Wide</h2><table><tr>{cells}</tr></table><img src='gone.png'>"))
+    (site / "wide" / "huge.png").write_bytes(png(1500))
+    (site / "wide" / "index.html").write_text(
+        page(f"<h2>Wide</h2><table><tr>{cells}</tr></table><img src='gone.png'><img src='huge.png'>")
+    )
     done = check(site)
     assert done.returncode == 1, done.stdout + done.stderr
     assert "wide/index.html: table 0 under 'Wide' (12 columns" in done.stderr
     assert "px wide in a 600 px column" in done.stderr
     assert "wide/index.html: image gone.png did not load" in done.stderr
+    assert "wide/index.html: image huge.png is 1500 px wide, shown at" in done.stderr
+    assert "draw it at most 800 px wide" in done.stderr
     assert "good/index.html" not in done.stderr

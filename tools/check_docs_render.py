@@ -5,7 +5,9 @@ script injected into the page. The check fails on:
 
 - a table wider than the content column (its right-hand columns would be hidden behind a scroll
   bar); code blocks may scroll and are not checked;
-- an image that does not load.
+- an image that does not load;
+- an image shown at less than ``MIN_IMAGE_SCALE`` of its own width: a plot drawn wider than the
+  column has its labels shrunk with it, below a readable size.
 
 Usage::
 
@@ -34,6 +36,7 @@ from pathlib import Path
 
 WINDOW_WIDTH = 1400
 WINDOW_HEIGHT = 1000
+MIN_IMAGE_SCALE = 0.75
 
 # Runs in the page once it has loaded and Material's scripts have wrapped the tables. The result
 # goes into the DOM, which Chromium's --dump-dom prints.
@@ -177,6 +180,12 @@ def main(argv: list[str] | None = None) -> int:
                 for image in measured["images"]:
                     if not image["loaded"]:
                         failures.append(f"{page}: image {image['src']} did not load")
+                    elif image["shown_width"] < MIN_IMAGE_SCALE * image["natural_width"]:
+                        failures.append(
+                            f"{page}: image {image['src']} is {image['natural_width']} px wide, shown at "
+                            f"{image['shown_width']:.0f} px ({image['shown_width'] / image['natural_width']:.0%}): "
+                            f"its text shrinks with it; draw it at most {column / MIN_IMAGE_SCALE:.0f} px wide"
+                        )
     finally:
         server.shutdown()
 
@@ -194,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         for failure in failures:
             print(f"  {failure}", file=sys.stderr)
         return 1
-    print(f"\nevery page renders within its column at {WINDOW_WIDTH} px, every image loads")
+    print(f"\nevery page renders within its column at {WINDOW_WIDTH} px, every image loads at a readable scale")
     return 0
 
 
