@@ -1,17 +1,8 @@
 """One multi-process harness for every multi-rank test.
 
-``run_ranks(fn, world_size, *args)`` forks ``world_size`` processes, joins them
-into a real gloo process group (a FileStore in a fresh temp folder, so tests
-running in parallel under pytest-xdist never fight over a port), runs
-``fn(rank, world_size, *args)`` on each and returns the per-rank results.
-
-Teardown is deliberate, because gloo aborts a process ("terminate called
-without an active exception") when a peer leaves while it is still in a
-collective: a rank that succeeded writes its result, waits at a barrier for the
-others and then leaves with ``os._exit`` so no gloo destructor runs at
-interpreter exit. A rank that failed writes its error and leaves at once; its
-peers then fail fast on the closed connection (or at the group timeout). A hard
-timeout kills every rank, so a hang fails the test instead of blocking CI.
+``run_ranks(fn, world_size, *args)`` is :func:`syncnorm.testing.run_ranks`, the public gloo
+world runner: ``world_size`` processes in a real gloo process group, ``fn(rank, world_size,
+*args)`` on each, the per-rank results back, deliberate teardown and a hard timeout.
 
 ``run_command(cmd, timeout=...)`` runs a whole job (torchrun, a Lightning or
 framework launcher) as a subprocess with ``launcher_free_env()``; on a timeout it
@@ -24,19 +15,12 @@ the output so far.
 from __future__ import annotations
 
 import contextlib
-import multiprocessing as mp
 import os
-import pickle
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
-import time
-import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 from typing import Any, Optional
 
@@ -44,104 +28,14 @@ import torch
 import torch._dynamo  # noqa: F401  (DDP and FSDP import it lazily: ~7 s in every forked rank otherwise)
 import torch.distributed as dist
 
-
-@dataclass
-class RankError:
-    """What a rank raised, for tests that expect errors."""
-
-    type_name: str
-    message: str
-    traceback: str
-
-    def __str__(self) -> str:
-        return f"{self.type_name}: {self.message}"
+from syncnorm import testing
+from syncnorm.testing import RankError, RanksHung  # noqa: F401  (re-exported for the tests)
 
 
-class RanksHung(AssertionError):
-    pass
-
-
-def _worker(fn, rank, world_size, args, folder, pg_timeout_s, threads):
-    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
-    torch.set_num_threads(threads)
-    result_path = os.path.join(folder, f"rank{rank}.pkl")
-    code = 0
-    try:
-        store = dist.FileStore(os.path.join(folder, "store"), world_size)
-        dist.init_process_group(
-            "gloo", store=store, rank=rank, world_size=world_size, timeout=timedelta(seconds=pg_timeout_s)
-        )
-        torch.manual_seed(1234 + rank)
-        outcome: Any = fn(rank, world_size, *args)
-    except BaseException as err:  # report everything, including SystemExit from the test body
-        outcome = RankError(type(err).__name__, str(err), traceback.format_exc())
-        code = 1
-    with open(result_path + ".tmp", "wb") as handle:
-        pickle.dump(outcome, handle)
-    os.replace(result_path + ".tmp", result_path)
-    if code == 0:
-        try:
-            dist.barrier()
-        except BaseException:
-            pass
-    os._exit(code)
-
-
-def run_ranks(
-    fn: Callable[..., Any],
-    world_size: int,
-    *args: Any,
-    timeout: float = 120.0,
-    pg_timeout: float = 30.0,
-    expect_errors: bool = False,
-    threads: int = 1,
-    start_method: str = "",
-) -> list[Any]:
-    """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; return each rank's result.
-
-    With ``expect_errors=False`` any rank's exception fails the test with that
-    rank's traceback; with ``True`` the exception comes back as a :class:`RankError`.
-    Without CUDA ranks are forked (fast); with CUDA they start from a forkserver, so
-    ``fn`` must then be importable and ``args`` picklable.
-    """
-    # fork is fastest, but a CUDA build of torch refuses autograd in a child forked after the
-    # parent ran a backward; forkserver (with torch preloaded) avoids that there.
-    start_method = start_method or ("forkserver" if torch.cuda.is_available() else "fork")
-    context = mp.get_context(start_method)
-    if start_method == "forkserver":
-        context.set_forkserver_preload(["torch", "torch._dynamo", "torch.distributed", "syncnorm", "harness"])
-    with tempfile.TemporaryDirectory(prefix="syncnorm-ranks-") as folder:
-        procs = [
-            context.Process(target=_worker, args=(fn, rank, world_size, args, folder, pg_timeout, threads), daemon=True)
-            for rank in range(world_size)
-        ]
-        for proc in procs:
-            proc.start()
-        deadline = time.monotonic() + timeout
-        for proc in procs:
-            proc.join(max(0.0, deadline - time.monotonic()))
-        hung = [rank for rank, proc in enumerate(procs) if proc.is_alive()]
-        for proc in procs:
-            if proc.is_alive():
-                proc.kill()
-                proc.join()
-        results: list[Any] = []
-        for rank in range(world_size):
-            path = os.path.join(folder, f"rank{rank}.pkl")
-            if os.path.exists(path):
-                with open(path, "rb") as handle:
-                    results.append(pickle.load(handle))
-            else:
-                results.append(RankError("NoResult", f"rank {rank} exited with code {procs[rank].exitcode}", ""))
-    if hung:
-        raise RanksHung(f"ranks {hung} did not finish within {timeout}s; results: {results}")
-    if not expect_errors:
-        failures = [
-            f"rank {rank} failed:\n{r.traceback or r}" for rank, r in enumerate(results) if isinstance(r, RankError)
-        ]
-        if failures:
-            raise AssertionError("\n".join(failures))
-    return results
+def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, **kwargs: Any) -> list[Any]:
+    """:func:`syncnorm.testing.run_ranks`, with this module preloaded where ranks start from a forkserver."""
+    kwargs.setdefault("preload", ("torch._dynamo", "harness"))
+    return testing.run_ranks(fn, world_size, *args, **kwargs)
 
 
 def shard(global_batch: torch.Tensor, rank: int, sizes: list[int]) -> torch.Tensor:

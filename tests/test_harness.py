@@ -17,6 +17,9 @@ import torch
 import torch.distributed as dist
 from harness import kill_tree, launcher_free_env, recorded_all_reduces, run_command, run_ranks
 
+import syncnorm
+import syncnorm.testing
+
 SLEEPER = "import os, pathlib, time; pathlib.Path(os.environ['PIDS'], str(os.getpid())).touch(); time.sleep(600)"
 
 
@@ -78,3 +81,45 @@ def test_recorded_all_reduces_counts_every_all_reduce_and_restores_the_process_g
     for calls, after in run_ranks(_record_then_reduce, 2):
         assert calls == [(3, torch.float32)]
         assert after.tolist() == [2.0, 2.0]
+
+
+def _train_step(rank, world_size, global_batch):
+    layer = syncnorm.SyncBatchNorm(3).double()
+    local = global_batch.chunk(world_size)[rank].clone().requires_grad_()
+    layer(local).square().sum().backward()
+    return layer.running_mean, local.grad
+
+
+def test_the_public_world_runner_gives_each_rank_its_result_as_one_process_on_the_global_batch_would():
+    # A user's test of their own layer: 2 gloo ranks against nn.BatchNorm on the global batch.
+    global_batch = torch.randn(8, 3, 4, dtype=torch.float64)
+    results = syncnorm.testing.run_ranks(_train_step, 2, global_batch)
+    reference = torch.nn.BatchNorm1d(3).double()
+    whole = global_batch.clone().requires_grad_()
+    reference(whole).square().sum().backward()
+    for rank, (running_mean, grad) in enumerate(results):
+        torch.testing.assert_close(running_mean, reference.running_mean)
+        torch.testing.assert_close(grad, whole.grad.chunk(2)[rank])
+
+
+def _fail_on_rank_1(rank, world_size):
+    if rank == 1:
+        raise ValueError("planted")
+    return rank
+
+
+def _hang_on_rank_0(rank, world_size):
+    if rank == 0:
+        time.sleep(600)  # rank 1 then waits for it at the runner's closing barrier: both are hung
+
+
+def test_the_public_world_runner_reports_a_failed_rank_and_a_hung_one():
+    results = syncnorm.testing.run_ranks(_fail_on_rank_1, 2, expect_errors=True)
+    assert results[0] == 0
+    assert isinstance(results[1], syncnorm.testing.RankError) and str(results[1]) == "ValueError: planted"
+    with pytest.raises(AssertionError, match="rank 1 failed:(.|\n)*ValueError: planted"):
+        syncnorm.testing.run_ranks(_fail_on_rank_1, 2)
+    started = time.monotonic()
+    with pytest.raises(syncnorm.testing.RanksHung, match=r"ranks \[0, 1\] did not finish within 5 s"):
+        syncnorm.testing.run_ranks(_hang_on_rank_0, 2, timeout=5)
+    assert time.monotonic() - started < 60

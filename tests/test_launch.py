@@ -340,3 +340,12 @@ def test_the_usage_script_of_the_docs_runs_under_torchrun_and_prints_a_line_per_
                str(free_port()), str(script)]  # fmt: skip
     stdout, _ = finish(start(command, launcher_free_env()))
     assert re.findall(r"^step (\d): loss \d+\.\d{3}$", stdout, re.M) == ["0", "1", "2"], stdout
+
+
+def test_the_getting_started_test_of_a_model_on_gloo_ranks_runs_and_passes(tmp_path):
+    document = (REPO / "docs" / "getting-started.md").read_text()
+    block = re.search(r"## Test your model on gloo ranks.*?```python\n(.*?)```", document, re.S)[1]
+    script = tmp_path / "test_sync.py"
+    script.write_text(block)
+    stdout, _ = finish(start([sys.executable, str(script)], launcher_free_env()))
+    assert stdout.strip() == "2 ranks match one process"

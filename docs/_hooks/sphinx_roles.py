@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 
 _ROLE = re.compile(r":(?:func|class|meth|attr|mod|exc|data|obj):<code>~?([A-Za-z_][\w.]*)</code>")
-_PUBLIC_MODULES = ("syncnorm", "syncnorm.lightning", "syncnorm.inplace_abn", "syncnorm.functional")
+_PUBLIC_MODULES = ("syncnorm", "syncnorm.lightning", "syncnorm.inplace_abn", "syncnorm.functional", "syncnorm.testing")
 _FULL_NAMES: dict[str, str] = {}
 
 

@@ -1,0 +1,162 @@
+"""Run a function on N gloo ranks on this machine: for testing a model with syncnorm in CI.
+
+``run_ranks(fn, world_size, *args)`` starts ``world_size`` processes, joins them into a real
+gloo process group on CPU, runs ``fn(rank, world_size, *args)`` on each and returns the
+per-rank results, in rank order::
+
+    import syncnorm.testing
+
+    def train_two_steps(rank, world_size, state):
+        model = syncnorm.convert_sync_batchnorm(build_model())
+        model.load_state_dict(state)
+        ...
+        return model.state_dict()
+
+    results = syncnorm.testing.run_ranks(train_two_steps, 2, initial_state)
+
+The ranks rendezvous through a file in a fresh temporary folder, not a port, so test runs in
+parallel (pytest-xdist) never collide. What a distributed test usually gets wrong is the end:
+
+* gloo aborts a process ("terminate called without an active exception") when a peer leaves
+  while it is still in a collective. A rank that succeeded therefore writes its result, waits
+  at a barrier for the others and leaves with ``os._exit``, so no gloo destructor runs at
+  interpreter exit. A rank that failed writes its error and leaves at once; its peers then
+  fail fast on the closed connection, or at the process group's timeout.
+* A hang must fail the test, not block CI: after ``timeout`` seconds every rank is killed and
+  :class:`RanksHung` names the ranks that had not finished.
+
+Ranks are forked when CUDA is not available (fast: nothing is imported again). With CUDA
+they start from a forkserver, because a CUDA build of torch refuses autograd in a child forked
+after the parent ran a backward; ``fn`` must then be importable and ``args`` picklable.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import pickle
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["RankError", "RanksHung", "run_ranks"]
+
+
+@dataclass
+class RankError:
+    """What a rank raised: returned in its place by ``run_ranks(..., expect_errors=True)``."""
+
+    type_name: str
+    message: str
+    traceback: str
+
+    def __str__(self) -> str:
+        return f"{self.type_name}: {self.message}"
+
+
+class RanksHung(AssertionError):
+    """Some ranks had not finished when ``run_ranks``'s timeout expired (they were killed)."""
+
+
+def _rank_main(fn, rank, world_size, args, folder, pg_timeout_s, threads, seed):
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    torch.set_num_threads(threads)
+    result_path = os.path.join(folder, f"rank{rank}.pkl")
+    code = 0
+    try:
+        store = dist.FileStore(os.path.join(folder, "store"), world_size)
+        dist.init_process_group(
+            "gloo", store=store, rank=rank, world_size=world_size, timeout=timedelta(seconds=pg_timeout_s)
+        )
+        if seed is not None:
+            torch.manual_seed(seed + rank)
+        outcome: Any = fn(rank, world_size, *args)
+    except BaseException as err:  # report everything, SystemExit from the function included
+        outcome = RankError(type(err).__name__, str(err), traceback.format_exc())
+        code = 1
+    with open(result_path + ".tmp", "wb") as handle:
+        pickle.dump(outcome, handle)
+    os.replace(result_path + ".tmp", result_path)
+    if code == 0:
+        try:
+            dist.barrier()
+        except BaseException:
+            pass
+    os._exit(code)
+
+
+def run_ranks(
+    fn: Callable[..., Any],
+    world_size: int,
+    *args: Any,
+    timeout: float = 120.0,
+    pg_timeout: float = 30.0,
+    expect_errors: bool = False,
+    threads: int = 1,
+    seed: int | None = 1234,
+    start_method: str = "",
+    preload: Sequence[str] = (),
+) -> list[Any]:
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; return each rank's result.
+
+    Args:
+        fn: called in every rank once the process group exists; its return value must pickle.
+        world_size: the number of ranks (processes).
+        *args: passed to ``fn`` after ``rank`` and ``world_size``.
+        timeout: seconds for the whole run; ranks still running then are killed and
+            :class:`RanksHung` is raised.
+        pg_timeout: the process group's own timeout, for a collective that never completes.
+        expect_errors: ``False``: an exception on any rank raises ``AssertionError`` with that
+            rank's traceback. ``True``: it comes back as a :class:`RankError` in its place.
+        threads: torch threads per rank; one keeps N ranks from fighting over few cores.
+        seed: each rank calls ``torch.manual_seed(seed + rank)`` first; ``None`` skips it.
+        start_method: ``"fork"`` or ``"forkserver"``; by default fork without CUDA,
+            forkserver with it.
+        preload: modules the forkserver imports once for every rank (the module of ``fn``,
+            for instance), on top of torch and syncnorm.
+    """
+    start_method = start_method or ("forkserver" if torch.cuda.is_available() else "fork")
+    context = mp.get_context(start_method)
+    if start_method == "forkserver":
+        context.set_forkserver_preload(["torch", "torch.distributed", "syncnorm", *preload])
+    with tempfile.TemporaryDirectory(prefix="syncnorm-ranks-") as folder:
+        procs = [
+            context.Process(
+                target=_rank_main, args=(fn, rank, world_size, args, folder, pg_timeout, threads, seed), daemon=True
+            )
+            for rank in range(world_size)
+        ]
+        for proc in procs:
+            proc.start()
+        deadline = time.monotonic() + timeout
+        for proc in procs:
+            proc.join(max(0.0, deadline - time.monotonic()))
+        hung = [rank for rank, proc in enumerate(procs) if proc.is_alive()]
+        for proc in procs:
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+        results: list[Any] = []
+        for rank in range(world_size):
+            path = os.path.join(folder, f"rank{rank}.pkl")
+            if os.path.exists(path):
+                with open(path, "rb") as handle:
+                    results.append(pickle.load(handle))
+            else:
+                results.append(RankError("NoResult", f"rank {rank} exited with code {procs[rank].exitcode}", ""))
+    if hung:
+        raise RanksHung(f"ranks {hung} did not finish within {timeout} s; results: {results}")
+    if not expect_errors:
+        failures = [
+            f"rank {rank} failed:\n{r.traceback or r}" for rank, r in enumerate(results) if isinstance(r, RankError)
+        ]
+        if failures:
+            raise AssertionError("\n".join(failures))
+    return results
