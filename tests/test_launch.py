@@ -325,19 +325,19 @@ def test_launch_scripts_are_shellcheck_clean():
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-def _usage_script(document: Path) -> str:
-    """The first Python block of ``document`` that is a whole torchrun script (it initialises the group)."""
-    blocks = re.findall(r"```python\n(.*?)```", document.read_text(), re.S)
-    return next(block for block in blocks if "dist.init_process_group" in block and "torchrun" in block)
+MINIMAL = REPO / "examples" / "ddp_minimal.py"
+
+
+@pytest.mark.parametrize("document", ["README.md", "docs/getting-started.md"])
+def test_the_docs_show_the_minimal_example_as_it_is_in_examples(document):
+    blocks = re.findall(r"```python\n(.*?)```", (REPO / document).read_text(), re.S)
+    assert MINIMAL.read_text() in blocks
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("document", ["README.md", "docs/getting-started.md"])
-def test_the_usage_script_of_the_docs_runs_under_torchrun_and_prints_a_line_per_step(tmp_path, document):
-    script = tmp_path / "train.py"
-    script.write_text(_usage_script(REPO / document))
+def test_the_minimal_example_runs_under_torchrun_and_prints_a_line_per_step():
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-               str(free_port()), str(script)]  # fmt: skip
+               str(free_port()), str(MINIMAL)]  # fmt: skip
     stdout, _ = finish(start(command, launcher_free_env()))
     assert re.findall(r"^step (\d): loss \d+\.\d{3}$", stdout, re.M) == ["0", "1", "2"], stdout
 
