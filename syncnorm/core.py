@@ -137,8 +137,8 @@ def local_moments(input: Tensor) -> tuple[Tensor, Tensor]:
     """Per-channel mean and biased variance of an (N, C, *) tensor, in the statistics dtype.
 
     Large contiguous (N, C, *spatial) inputs on CPU take two passes (mean, then the mean of
-    squared deviations), in blocks of samples so the temporary stays bounded: 2-3x faster
-    there than torch's Welford kernel, and the most stable method there is. Everything else
+    squared deviations), in blocks of samples so the temporary stays bounded: faster there
+    than torch's Welford kernel, and the most stable method there is. Everything else
     (small inputs, (N, C), channels_last, CUDA) runs torch's one-pass kernel.
     """
     channels = input.shape[1]

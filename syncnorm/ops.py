@@ -233,7 +233,7 @@ def inplace_abn_forward(
     scale, shift = core.channel_view(scale, input.dim()), core.channel_view(shift, input.dim())
     # y = x * scale + shift, the same ops whether out is the input or not, so in place and out of
     # place agree bitwise. Half inputs: one addcmul in float32, rounded once; else mul then add_,
-    # 2-3x faster than addcmul with a broadcast self.
+    # which is faster than addcmul with a broadcast self.
     if input.dtype == mean.dtype:
         torch.mul(input, scale, out=out).add_(shift)
     else:

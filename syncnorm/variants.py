@@ -59,9 +59,8 @@ class LayerNorm2d(nn.Module):
     the normalised axis (the same math as batch norm of the ``(1, N*H*W, C)`` view,
     except that weight and bias vary along the normalised axis, so the backward uses
     ``g = weight * dy`` in place of ``dy``). That view through the batch-norm kernel
-    gives the same numbers but measured slower for an (8, 64, 28, 28) input, forward
-    plus backward: 1.5-2.6x (contiguous) and 2.2-6x (channels_last) on CPU, 1.6x and
-    1.7x on an H200; hence layer norm.
+    gives the same numbers but is slower, on CPU and on CUDA (the docs' "Normalisation
+    variants" page has the measurements); hence layer norm.
 
     The output has the input's memory format (``channels_last`` stays
     ``channels_last``; anything else comes back contiguous). Statistics are per
