@@ -45,6 +45,9 @@ CONVERTIBLE_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.Syn
 _BASE_FORWARDS = (_BatchNorm.forward, nn.SyncBatchNorm.forward)
 # Attributes only syncnorm's layers carry; dropped when a layer goes back to a plain class.
 _SYNCNORM_ATTRIBUTES = ("process_group", "layer_name", "check", "_original_cls")
+# Set by fuse_inplace_abn on the InPlaceABN it makes: (the BatchNorm's class, the activation module).
+UNFUSED_PAIR = "_unfused_pair"
+_INPLACE_ABN_ATTRIBUTES = ("activation", "activation_param", "inplace", UNFUSED_PAIR)
 
 ToSync = Union[type, Callable[[nn.Module, collectives.SyncGroup], nn.Module]]
 ToPlain = Union[type, Callable[[nn.Module], nn.Module]]
@@ -224,16 +227,40 @@ def revert_sync_batchnorm(module: nn.Module) -> nn.Module:
     whose math is the same for any input rank except for its input-dimension check, and
     :class:`SyncBatchNormAct2d` built directly becomes timm's ``BatchNormAct2d``. State is
     moved as in the conversion.
+
+    It also undoes :func:`syncnorm.fuse_inplace_abn`: each ``InPlaceABN`` that fusion made
+    becomes plain BatchNorm again (as above), and the ``nn.Identity`` after it the very
+    activation module the pair had. An ``InPlaceABN`` built directly stays as it is.
     """
     if isinstance(module, SyncBatchNorm) or type(module) is nn.SyncBatchNorm:
         return _revert_layer(module)
     if isinstance(module, nn.SyncBatchNorm) and _conversion_for(type(module)) is not None:
         return _revert_layer(module)  # timm's SyncBatchNormAct
-    for name, child in module.named_children():
+    names = list(module._modules)
+    for index, name in enumerate(names):
+        child = module._modules[name]
+        if child is None:
+            continue
+        pair = child.__dict__.get(UNFUSED_PAIR)
+        following = module._modules[names[index + 1]] if index + 1 < len(names) else None
+        if pair is not None and isinstance(module, nn.Sequential) and type(following) is nn.Identity:
+            module.add_module(name, _unfuse(child, pair[0]))
+            module.add_module(names[index + 1], pair[1])
+            continue
         new_child = revert_sync_batchnorm(child)
         if new_child is not child:
             module.add_module(name, new_child)
     return module
+
+
+def _unfuse(fused: nn.Module, norm_cls: type) -> nn.Module:
+    """The plain BatchNorm a fused InPlaceABN came from (a synchronised one reverts as above)."""
+    plain = rebuild_as(fused, norm_cls)
+    for name in _INPLACE_ABN_ATTRIBUTES:
+        plain.__dict__.pop(name, None)
+    if isinstance(plain, SyncBatchNorm) or type(plain) is nn.SyncBatchNorm:
+        return _revert_layer(plain)
+    return _to_plain(plain, norm_cls)
 
 
 def _revert_layer(layer: nn.Module) -> nn.Module:

@@ -172,9 +172,12 @@ def inplace_abn(
     running = None if running_mean is None or running_var is None else (running_mean, running_var)
     group = group if training else None
     if ops.compiling():
-        eval_mean, eval_var = (None, None) if batch_stats else running
+        if not batch_stats:
+            # Eval: torch's own ops, traced as they are, so that torch.export and ONNX see no
+            # syncnorm op (there is no backward to keep small in an exported graph).
+            return ops.inplace_abn_eval(input, weight, bias, *running, eps, activation, activation_param)
         output, mean, var, count = torch.ops.syncnorm.inplace_abn_forward(
-            input, weight, bias, eval_mean, eval_var, eps, activation, float(activation_param),
+            input, weight, bias, None, None, eps, activation, float(activation_param),
             "" if group is None else group.group_name, layer, check,
         )  # fmt: skip
         if training:

@@ -18,6 +18,8 @@ The BatchNorm becomes the ``InPlaceABN`` under its own name, holding the very sa
 buffer objects, so ``state_dict`` keys and optimiser state carry over; the activation's place
 holds an ``nn.Identity``. Like :func:`syncnorm.convert_sync_batchnorm`, the fused layer
 synchronises its statistics over ``process_group`` in distributed training.
+:func:`syncnorm.revert_sync_batchnorm` undoes the fusion: the pair comes back as plain
+BatchNorm and the very activation module it had.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from typing import Optional
 from torch import nn
 
 from . import collectives
-from .convert import rebuild_as
+from .convert import UNFUSED_PAIR, rebuild_as
 from .inplace_abn import InPlaceABN
 from .modules import SyncBatchNorm
 
@@ -105,6 +107,9 @@ def fuse_inplace_abn(
             fused.inplace, fused.process_group = inplace, process_group
             fused.layer_name = where
             fused.check = norm.__dict__.get("check")
+            # What revert_sync_batchnorm needs to undo the fusion. Set through __dict__: as an
+            # attribute the activation would become a submodule of the fused layer.
+            fused.__dict__[UNFUSED_PAIR] = (type(norm), activation)
             container._modules[first] = fused
             container._modules[second] = nn.Identity()
             report.fused.append(where)

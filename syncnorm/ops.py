@@ -209,7 +209,8 @@ def check_activation(activation: str, activation_param: float, layer: str) -> No
 def _gamma_beta(weight: Optional[Tensor], bias: Optional[Tensor], eps: float, like: Tensor) -> tuple[Tensor, Tensor]:
     """gamma' (|gamma| floored at eps, sign kept, +eps for 0) and beta, in the statistics' dtype."""
     gamma = torch.ones_like(like) if weight is None else core.cast(weight, like.dtype)
-    gamma = torch.where(gamma.abs() < eps, torch.full_like(gamma, eps).copysign(gamma), gamma)
+    # where(gamma < 0, ...) rather than copysign, which ONNX has no operator for.
+    gamma = torch.where(gamma.abs() < eps, torch.where(gamma < 0, -eps, eps).to(gamma.dtype), gamma)
     beta = torch.zeros_like(like) if bias is None else core.cast(bias, like.dtype)
     return gamma, beta
 
@@ -227,10 +228,7 @@ def inplace_abn_forward(
         host_count = None
     else:
         mean, var, count, host_count = core.batch_statistics(input, group, layer, check)
-    gamma, beta = _gamma_beta(weight, bias, eps, mean)
-    scale = gamma * torch.rsqrt(var + eps)
-    shift = beta - mean * scale
-    scale, shift = core.channel_view(scale, input.dim()), core.channel_view(shift, input.dim())
+    scale, shift = _scale_shift(input, weight, bias, mean, var, eps)
     # y = x * scale + shift, the same ops whether out is the input or not, so in place and out of
     # place agree bitwise. Half inputs: one addcmul in float32, rounded once; else mul then add_,
     # which is faster than addcmul with a broadcast self.
@@ -243,6 +241,35 @@ def inplace_abn_forward(
     elif activation == "elu":
         F.elu_(out, activation_param)
     return mean, var, count, host_count
+
+
+def inplace_abn_eval(
+    input: Tensor, weight, bias, running_mean: Tensor, running_var: Tensor, eps: float, activation: str,
+    activation_param: float,
+) -> Tensor:  # fmt: skip
+    """act(BN(input)) with the running statistics, out of place in torch's own differentiable ops.
+
+    What traced graphs record (torch.export, ONNX): the same arithmetic as :func:`inplace_abn_forward`.
+    """
+    dtype = core.stats_dtype(input.dtype)
+    scale, shift = _scale_shift(input, weight, bias, core.cast(running_mean, dtype), core.cast(running_var, dtype), eps)
+    if input.dtype == dtype:
+        output = input * scale + shift
+    else:
+        output = torch.addcmul(shift, input, scale).to(input.dtype)
+    if activation == "leaky_relu":
+        return F.leaky_relu(output, activation_param)
+    if activation == "elu":
+        return F.elu(output, activation_param)
+    return output
+
+
+def _scale_shift(input: Tensor, weight, bias, mean: Tensor, var: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """Per-channel (scale, shift) with act's input = x * scale + shift, shaped to broadcast over ``input``."""
+    gamma, beta = _gamma_beta(weight, bias, eps, mean)
+    scale = gamma * torch.rsqrt(var + eps)
+    shift = beta - mean * scale
+    return core.channel_view(scale, input.dim()), core.channel_view(shift, input.dim())
 
 
 def inplace_abn_backward(
