@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import io
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -20,16 +21,26 @@ from harness import launcher_free_env, run_command
 REPO = Path(__file__).resolve().parent.parent
 LOCAL = REPO / "launch" / "torchrun_local.sh"
 TRAIN = REPO / "examples" / "train_digits.py"
+CRASH_JOB = REPO / "tests" / "jobs" / "digits_crash_job.py"  # runs TRAIN's main, SIGKILLs one rank once
 COMMAND_TIMEOUT = 200
 SHORT_RUN = ["--epochs", "1", "--limit-batches", "4", "--batch-size", "4", "--device", "cpu"]
 
 
 def torchrun(
-    out: Path, *args, env: dict[str, str] | None = None, expect_rc: int | None = 0, progress: bool = False
+    out: Path,
+    *args,
+    env: dict[str, str] | None = None,
+    expect_rc: int | None = 0,
+    progress: bool = False,
+    crash: tuple = (),
 ) -> tuple[int, str]:
-    """``launch/torchrun_local.sh 2 train_digits.py ...``; the whole process tree is killed on a timeout."""
+    """``launch/torchrun_local.sh 2 train_digits.py ...``; the whole process tree is killed on a timeout.
+
+    ``crash``: options of tests/jobs/digits_crash_job.py, which then runs train_digits.py.
+    """
     flags = SHORT_RUN if progress else [*SHORT_RUN, "--no-progress"]
-    cmd = ["bash", str(LOCAL), "2", str(TRAIN), *flags, "--out", str(out), *map(str, args)]
+    job = [str(CRASH_JOB), *map(str, crash)] if crash else []
+    cmd = ["bash", str(LOCAL), "2", *job, str(TRAIN), *flags, "--out", str(out), *map(str, args)]
     returncode, output = run_command(cmd, timeout=COMMAND_TIMEOUT, env=env)
     if expect_rc is not None:
         assert returncode == expect_rc, f"exit {returncode}: {cmd}\n{output[-5000:]}"
@@ -41,9 +52,14 @@ def files_of(out: Path) -> dict[str, tuple[int, bytes]]:
     return {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(out.iterdir()) if p.is_file()}
 
 
-def starts(out: Path) -> list[dict]:
-    events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
-    return [e for e in events if e["event"] == "start"]
+def resumed_from(output: str) -> list[tuple[str, str]]:
+    """``(checkpoint file name, where)`` of every "resuming from" line the example printed."""
+    found = re.findall(r"resuming from (\S+): (epoch \d+, \d+ batches done, step \d+)", output)
+    return [(Path(path).name, where) for path, where in found]
+
+
+def killed_a_worker(output: str) -> bool:
+    return "exitcode: -9" in output or "Signals.SIGKILL" in output
 
 
 @pytest.mark.timeout(400)
@@ -60,13 +76,14 @@ def test_rerun_of_a_finished_run_says_so_and_trains_nothing_and_fresh_trains_aga
         assert str(out / name) in again
     assert "--fresh" in again
     assert "epoch 1/1" not in again and "resuming" not in again
-    assert files_of(out) == before  # nothing rewritten, not even the event log
+    assert files_of(out) == before  # nothing rewritten
 
     _, fresh = torchrun(out, "--fresh", progress=True)
     assert "epoch 1/1" in fresh and "resuming" not in fresh and "already holds" not in fresh
     # The progress bar is on, but the output goes to a pipe: no bar redrawing itself into the log.
     assert "\r" not in fresh and "it/s" not in fresh
-    assert [s["resumed_from"] for s in starts(out)] == [None]  # the old run's files were cleared
+    after = files_of(out)  # the old run's files were cleared and written again
+    assert all(after[name][0] > before[name][0] for name in ("metrics.json", "final_model.pt", "ckpt-00000004.pt"))
     # Deterministic: training again gives bitwise the same model.
     retrained = torch.load(out / "final_model.pt", weights_only=True)
     previous = torch.load(io.BytesIO(before["final_model.pt"][1]), weights_only=True)
@@ -78,22 +95,25 @@ def test_an_unfinished_run_resumes_also_when_torchrun_restarts_a_fresh_run(tmp_p
     out = tmp_path / "run"
     job = ("--epochs", "2", "--ckpt-every", "2")
     # Rank 1 kills itself after step 6 (epoch 2); the newest checkpoint is step 4 (the end of epoch 1).
-    crash = launcher_free_env(SYNCNORM_EXAMPLE_CRASH_AT_STEP="6", SYNCNORM_EXAMPLE_CRASH_RANK="1")
-    rc, _ = torchrun(out, *job, env=crash, expect_rc=None)
-    assert rc != 0 and (out / ".crash-injected").exists() and not (out / "metrics.json").exists()
+    crash = ("--crash-at-step", 6, "--crash-rank", 1)
+    rc, crashed = torchrun(out, *job, crash=crash, expect_rc=None)
+    assert rc != 0 and killed_a_worker(crashed), crashed[-5000:]
+    assert (out / ".crash-injected").exists() and not (out / "metrics.json").exists()
     _, resumed = torchrun(out, *job)
-    assert "resuming from" in resumed and "ckpt-00000004.pt: epoch 2, 0 batches done, step 4" in resumed
+    assert resumed_from(resumed) == [("ckpt-00000004.pt", "epoch 2, 0 batches done, step 4")], resumed
     assert "epoch 2/2" in resumed and "epoch 1/2" not in resumed
 
     # --fresh clears only on the first attempt: the group torchrun restarts after the crash resumes.
     (out / ".crash-injected").unlink()
-    restarting = dict(crash, MAX_RESTARTS="1")
-    _, output = torchrun(out, *job, "--fresh", env=restarting)
-    assert "epoch 1/2" in output and "epoch 2/2" in output
-    assert [(s["restart"], s["resumed_from"] and Path(s["resumed_from"]).name) for s in starts(out)] == [
-        ("0", None),
-        ("1", "ckpt-00000004.pt"),
-    ]
+    log = tmp_path / "processes.jsonl"
+    restarting = launcher_free_env(MAX_RESTARTS="1")
+    _, output = torchrun(out, *job, "--fresh", env=restarting, crash=(*crash, "--log", log))
+    assert killed_a_worker(output) and (out / ".crash-injected").exists(), output[-5000:]
+    processes = [json.loads(line) for line in log.read_text().splitlines()]
+    assert sorted(e["restart"] for e in processes if e["event"] == "start" and e["rank"] == 0) == ["0", "1"]
+    # The first attempt trained from scratch (once), the restarted one resumed (only it) and finished.
+    assert output.count("epoch 1/2 ") == 1 and output.count("epoch 2/2 ") == 1, output[-5000:]
+    assert resumed_from(output) == [("ckpt-00000004.pt", "epoch 2, 0 batches done, step 4")], output[-5000:]
 
 
 @pytest.mark.timeout(400)
@@ -147,10 +167,10 @@ def test_compare_mode_trains_three_runs_plots_them_and_a_rerun_starts_nothing(tm
 
 
 def test_accuracy_axes_have_fixed_limits_not_an_auto_zoom():
-    spec = importlib.util.spec_from_file_location("example_plots", REPO / "examples" / "plots.py")
-    plots = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(plots)
-    accuracy_limits = plots.accuracy_limits
+    spec = importlib.util.spec_from_file_location("example_common", REPO / "examples" / "common.py")
+    common = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(common)
+    accuracy_limits = common.accuracy_limits
     assert accuracy_limits([0.9055, 0.9083]) == (0.8, 1.0)
     assert accuracy_limits([0.95, 0.97]) == (0.8, 1.0)  # the same range for every trained run
     assert accuracy_limits([0.83, 0.97]) == (0.7, 1.0)

@@ -24,6 +24,7 @@ LOCAL = REPO / "launch" / "torchrun_local.sh"
 MULTINODE = REPO / "launch" / "torchrun_multinode.sh"
 SLURM = REPO / "launch" / "slurm.sbatch"
 TRAIN = REPO / "examples" / "train_digits.py"
+CRASH_JOB = REPO / "tests" / "jobs" / "digits_crash_job.py"  # runs TRAIN's main, SIGKILLs one rank once
 COMMAND_TIMEOUT = 200  # seconds; generous because the CPU is shared with other test workers
 # A short deterministic job: 2 epochs of 8 batches, per-rank batch 4.
 SHORT_RUN = ["--epochs", "2", "--limit-batches", "8", "--batch-size", "4", "--no-progress"]
@@ -73,10 +74,6 @@ def assert_bitwise_equal(actual: dict[str, torch.Tensor], expected: dict[str, to
         if not torch.equal(actual[k], expected[k])
     }
     assert not differing, f"final weights/buffers differ (max abs diff per tensor): {differing}"
-
-
-def events(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
 
 
 def assert_complete_run(out: Path, world_size: int, epochs: int) -> dict:
@@ -129,32 +126,38 @@ def test_two_agents_as_two_nodes_over_loopback(tmp_path):
 
 @pytest.mark.timeout(500)
 def test_kill_9_of_a_worker_restarts_and_resumes_to_identical_weights(tmp_path):
-    job = [TRAIN, "--ckpt-every", 4, *SHORT_RUN]
-    uninterrupted, faulted = tmp_path / "uninterrupted", tmp_path / "faulted"
-    reference = start(["bash", LOCAL, 2, *job, "--out", uninterrupted], launcher_free_env())
+    job = ["--ckpt-every", 4, *SHORT_RUN]
+    uninterrupted, faulted, log = tmp_path / "uninterrupted", tmp_path / "faulted", tmp_path / "processes.jsonl"
+    reference = start(["bash", LOCAL, 2, TRAIN, *job, "--out", uninterrupted], launcher_free_env())
     # Rank 1 SIGKILLs itself after step 14 (epoch 2, batch 6); the newest checkpoint is step 12
     # (epoch 2, batch 4), so the restarted group must redo steps 13-14 from the right batches.
-    env = launcher_free_env(MAX_RESTARTS="1", SYNCNORM_EXAMPLE_CRASH_AT_STEP="14", SYNCNORM_EXAMPLE_CRASH_RANK="1")
-    _, stderr = finish(start(["bash", LOCAL, 2, *job, "--out", faulted], env))
+    crashing = [CRASH_JOB, "--crash-at-step", 14, "--crash-rank", 1, "--log", log, TRAIN]
+    stdout, stderr = finish(
+        start(["bash", LOCAL, 2, *crashing, *job, "--out", faulted], launcher_free_env(MAX_RESTARTS="1"))
+    )
     finish(reference)
 
     assert "exitcode: -9" in stderr or "Signals.SIGKILL" in stderr, stderr[-3000:]
     crash = json.loads((faulted / ".crash-injected").read_text())
     assert crash["rank"] == 1 and crash["step"] == 14
-    starts = [e for e in events(faulted) if e["event"] == "start"]
-    assert [(s["restart"], s["resumed_from"] and Path(s["resumed_from"]).name) for s in starts] == [
-        ("0", None),
-        ("1", "ckpt-00000012.pt"),
-    ]
+    processes = [json.loads(line) for line in log.read_text().splitlines()]
+    starts = sorted((e["restart"], e["rank"]) for e in processes if e["event"] == "start")
+    assert starts == [("0", 0), ("0", 1), ("1", 0), ("1", 1)]  # two attempts of both ranks
+    # The first attempt started from scratch, the restarted one (only it) from the step-12 checkpoint.
+    resumed = re.findall(r"resuming from (\S+): (epoch \d+, \d+ batches done, step \d+)", stdout)
+    assert resumed == [(str(faulted / "ckpt-00000012.pt"), "epoch 2, 4 batches done, step 12")], stdout
+    assert stdout.count("epoch 1/2 ") == 1 and stdout.count("epoch 2/2 ") == 1, stdout
     assert_complete_run(faulted, world_size=2, epochs=2)
     assert_bitwise_equal(load_weights(faulted), load_weights(uninterrupted))
 
-    resumed_step = next(e for e in events(faulted) if e["event"] == "first_step" and e["step"] == 13)
-    restart = starts[1]
+    restart, first_step = (
+        next(e for e in processes if e["event"] == event and e["restart"] == "1" and e["rank"] == 0)
+        for event in ("start", "first_step")
+    )
     print(
-        f"\nrestart after kill -9: {resumed_step['time'] - crash['time']:.2f} s until the first resumed step"
+        f"\nrestart after kill -9: {first_step['time'] - crash['time']:.2f} s until the first resumed step"
         f" (kill -> new worker process {restart['launched'] - crash['time']:.2f} s,"
-        f" process start -> checkpoint loaded {restart['time'] - restart['launched']:.2f} s)"
+        f" process start -> first step {first_step['time'] - restart['launched']:.2f} s)"
     )
 
 
@@ -174,10 +177,10 @@ def test_truncated_and_foreign_checkpoints_are_skipped_with_a_warning(tmp_path):
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
     (out / "ckpt-00000099.pt").write_bytes(b"not a checkpoint")
 
-    _, stderr = run(["bash", LOCAL, 1, *job, "--keep-ckpts", "10", "--out", out])
+    stdout, stderr = run(["bash", LOCAL, 1, *job, "--keep-ckpts", "10", "--out", out])
     assert "WARNING: skipping unreadable checkpoint" in stderr
     assert "ckpt-00000099.pt" in stderr and "ckpt-00000006.pt" in stderr
-    assert Path(events(out)[0]["resumed_from"]).name == "ckpt-00000004.pt"
+    assert f"resuming from {out / 'ckpt-00000004.pt'}: epoch 1, 4 batches done, step 4" in stdout, stdout
     assert_complete_run(out, world_size=1, epochs=2)
     assert_bitwise_equal(load_weights(out), load_weights(reference))
 
