@@ -5,6 +5,7 @@ CUDA (NCCL), one all_reduce of O(C) values per pass, torch.compile friendly.
 """
 
 from . import functional
+from .accumulate import AccumulationWindow, accumulate
 from .collectives import group_size, new_sync_groups, resolve_group, set_wait_warning
 from .convert import convert_sync_batchnorm, register_conversion, revert_sync_batchnorm
 from .errors import (
@@ -26,6 +27,8 @@ from .variants import LayerNorm2d, SyncInstanceNorm1d, SyncInstanceNorm2d, SyncI
 __version__ = "0.1.0"
 
 __all__ = [
+    "accumulate",
+    "AccumulationWindow",
     "LayerNorm2d",
     "SyncInstanceNorm1d",
     "SyncInstanceNorm2d",

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import collectives, core, guard, ops
+from . import collectives, core, guard, ops, pooling
 
 __all__ = ["inplace_abn", "sync_batch_norm", "writes_in_place"]
 # batch_norm_eval, batch_norm_local and batch_norm_training are the layers' shared paths, not API.
@@ -109,7 +109,7 @@ def batch_norm_local(
 
 
 def batch_norm_training(
-    input: Tensor, running: Optional[tuple[Tensor, Tensor]], weight: Optional[Tensor], bias: Optional[Tensor],
+    input: Tensor, running: Optional[pooling.Running], weight: Optional[Tensor], bias: Optional[Tensor],
     momentum: Union[float, Tensor], eps: float, group, layer: str, check: Optional[bool],
 ) -> Tensor:  # fmt: skip
     """Training on the core (``group`` None: this process alone), for a validated input."""
@@ -159,17 +159,29 @@ def inplace_abn(
     if another op saved it for its own backward, autograd raises at backward). Eval mode (with
     running statistics) also saves only the output, and never communicates.
     """
+    running = None if running_mean is None or running_var is None else (running_mean, running_var)
+    return inplace_abn_with(
+        input, running, _num_features(running_mean, weight), weight, bias, training, momentum, eps, activation,
+        activation_param, process_group, inplace, layer, check,
+    )  # fmt: skip
+
+
+def inplace_abn_with(
+    input: Tensor, running: Optional[pooling.Running], num_features: Optional[int], weight: Optional[Tensor],
+    bias: Optional[Tensor], training: bool, momentum: Union[float, Tensor], eps: float, activation: str,
+    activation_param: float, process_group: collectives.SyncGroup, inplace: bool, layer: str, check: Optional[bool],
+) -> Tensor:  # fmt: skip
+    """:func:`inplace_abn` with what training updates given as one target: running buffers or a window's pool."""
     ops.check_activation(activation, activation_param, layer)
-    core.validate_input(input, _num_features(running_mean, weight), layer)
+    core.validate_input(input, num_features, layer)
     group = collectives.synchronised_group(process_group)
     check = guard.check_requested(check)
-    batch_stats = training or running_mean is None
+    batch_stats = training or running is None
     if not training:
         guard.verify_eval(group, input, layer, check, guard.KIND_FORWARD)
     elif group is None:
         collectives.warn_if_launched_without_group(layer)
     weight, bias = core.affine_in_dtype(weight, bias, core.stats_dtype(input.dtype))
-    running = None if running_mean is None or running_var is None else (running_mean, running_var)
     group = group if training else None
     if ops.compiling():
         if not batch_stats:

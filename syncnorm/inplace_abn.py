@@ -40,7 +40,7 @@ from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import collectives
-from .functional import inplace_abn
+from .functional import inplace_abn_with
 from .modules import SyncLayer
 from .ops import ACTIVATIONS, check_activation
 
@@ -90,14 +90,19 @@ class InPlaceABN(SyncLayer, _BatchNorm):
         pass  # validate_input raises with the layer's name
 
     def forward(self, input: Tensor) -> Tensor:
-        tracking = self._tracking()
-        counted, momentum = self._begin_step(True) if self.training else (False, 0.0)
+        if self.training:
+            running = self._running_target()
+            counted, momentum = self._begin_step(True)
+        else:
+            running = (self.running_mean, self.running_var) if self._tracking() else None
+            counted, momentum = False, 0.0
+        # As nn.BatchNorm: the channel count is checked where parameters or buffers have one.
+        channels = self.num_features if (self._tracking() or self.weight is not None) else None
         try:
-            return inplace_abn(
-                input, self.running_mean if tracking else None, self.running_var if tracking else None,
-                self.weight, self.bias, self.training, momentum, self.eps, self.activation,
-                self.activation_param, self.process_group, inplace=self.inplace, layer=self.layer_name,
-                check=self.check,
+            return inplace_abn_with(
+                input, running, channels, self.weight, self.bias, self.training, momentum, self.eps,
+                self.activation, self.activation_param, self.process_group, self.inplace, self.layer_name,
+                self.check,
             )  # fmt: skip
         except BaseException:
             self._undo_step(counted)

@@ -11,12 +11,13 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from . import collectives, core, guard
+from . import collectives, core, guard, pooling
 from .functional import batch_norm_eval, batch_norm_local, batch_norm_training
 
 __all__ = ["SyncBatchNorm", "SyncBatchNormAct2d", "SyncLayer"]
 
 _layer_numbers = itertools.count()
+_POOL = "_statistics_pool"  # in __dict__ only while an accumulation window is open
 # torch >= 2.13 can build an affine BatchNorm without a bias.
 _BATCHNORM_HAS_BIAS_FLAG = "bias" in inspect.signature(_BatchNorm.__init__).parameters
 
@@ -35,6 +36,9 @@ class SyncLayer:
     * ``check``: the guard switch for this layer (``None``: ``SYNCNORM_CHECK``/``set_check``).
     * The step: ``num_batches_tracked`` and this step's momentum, rolled back if the call fails
       (the running statistics are written only once the call has succeeded).
+    * The accumulation window (:func:`syncnorm.accumulate`): while one is open, training
+      forwards pool their statistics instead of moving the running statistics, which move once
+      when the window closes, or before the layer goes to eval mode.
     * Copies share the group; pickling refuses a group it cannot save. A ``ProcessGroup`` (or
       ``DeviceMesh``) is a process-wide resource that cannot be pickled, and copying it would not
       make a new group anyway, so ``copy.deepcopy`` of a model (EMA helpers such as timm's
@@ -46,6 +50,9 @@ class SyncLayer:
     process_group: collectives.SyncGroup
     layer_name: str
     check: Optional[bool]
+    # How an accumulation window pools this layer's statistics, and whether it counts a step.
+    _pools_moments = True
+    _pool_min_count = 2
 
     def _init_sync(self, process_group: collectives.SyncGroup) -> None:
         self.process_group = process_group
@@ -59,14 +66,50 @@ class SyncLayer:
     def _tracking(self) -> bool:
         return self.track_running_stats and self.running_mean is not None
 
+    def _pool(self) -> Optional[pooling.StatisticsPool]:
+        return self.__dict__.get(_POOL)
+
+    def _running_target(self) -> Optional[pooling.Running]:
+        """What a training forward updates: the running buffers, the open window's pool, or nothing."""
+        if not self._tracking():
+            return None
+        pool = self._pool()
+        return (self.running_mean, self.running_var) if pool is None else pool
+
+    def _open_window(self) -> None:
+        if self._tracking() and self._pool() is None:
+            self.__dict__[_POOL] = pooling.StatisticsPool(moments=self._pools_moments)
+
+    def _close_window(self) -> None:
+        self._flush_window()
+        self.__dict__.pop(_POOL, None)
+
+    def _flush_window(self) -> None:
+        """Move the running statistics by what the window pooled: one step, as one forward on all of it."""
+        pool = self._pool()
+        if pool is None or pool.sums is None:
+            return
+        with torch.no_grad():
+            momentum = self._window_momentum()
+            pool.flush(self.running_mean, self.running_var, momentum, min_count=self._pool_min_count)
+
+    def _window_momentum(self) -> core.Momentum:
+        self.num_batches_tracked.add_(1)
+        return core.step_momentum(self.momentum, self.num_batches_tracked)
+
+    def train(self, mode: bool = True) -> Any:
+        if not mode:
+            self._flush_window()  # eval must see the statistics of every micro-batch so far
+        return super().train(mode)
+
     def _begin_step(self, synchronised: bool) -> tuple[bool, core.Momentum]:
         """Count a training step; return (counted, momentum) for the running update.
 
         Activation checkpointing re-runs the forward inside backward: batch statistics again,
         but the running statistics were updated by the original forward, so momentum 0.
         """
-        if not self._tracking():
-            return False, 0.0
+        if not self._tracking() or self._pool() is not None:
+            return False, 0.0  # an accumulation window counts its step when it closes
         if recomputing_in_backward():
             return False, 0.0
         self.num_batches_tracked.add_(1)
@@ -84,7 +127,8 @@ class SyncLayer:
             memo[id(group)] = group  # deepcopy hands out memo entries as they are
         copied = type(self).__new__(type(self))
         memo[id(self)] = copied
-        copied.__setstate__(copy.deepcopy(self.__dict__, memo))
+        state = {key: value for key, value in self.__dict__.items() if key != _POOL}  # a window is not copied
+        copied.__setstate__(copy.deepcopy(state, memo))
         return copied
 
     def __getstate__(self) -> dict:
@@ -96,7 +140,8 @@ class SyncLayer:
                 "nn.BatchNorm's), or set layer.process_group = None (the default group) on every syncnorm layer "
                 "before saving and set the group again after loading."
             )
-        return super().__getstate__()
+        state = super().__getstate__()
+        return {key: value for key, value in state.items() if key != _POOL}
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", layer_name={self.layer_name!r}"
@@ -169,17 +214,19 @@ class SyncBatchNorm(SyncLayer, _BatchNorm):
 
     def forward(self, input: Tensor) -> Tensor:
         core.validate_input(input, self.num_features, self.layer_name)
-        running = (self.running_mean, self.running_var) if self._tracking() else None
         if not self.training:
+            running = (self.running_mean, self.running_var) if self._tracking() else None
             # Eval never communicates (ranks may run different numbers of eval batches),
             # except for the opt-in consistency guard.
             if guard.check_requested(self.check):
                 guard.verify_eval(self._group(), input, self.layer_name, True, guard.KIND_FORWARD)
             return batch_norm_eval(input, running, self.weight, self.bias, self.eps)
         group = self._group()
+        running = self._running_target()
         counted, momentum = self._begin_step(group is not None)
         try:
-            if group is None:  # not distributed, or a group of one rank: nn.BatchNorm
+            if group is None and not isinstance(running, pooling.StatisticsPool):
+                # Not distributed, or a group of one rank: nn.BatchNorm.
                 return batch_norm_local(input, running, self.weight, self.bias, momentum, self.eps, self.layer_name)
             return batch_norm_training(
                 input, running, self.weight, self.bias, momentum, self.eps, group, self.layer_name, self.check

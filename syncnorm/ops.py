@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import collectives, core
+from . import collectives, core, pooling
 
 ACTIVATIONS = ("leaky_relu", "elu", "identity")
 
@@ -105,7 +105,7 @@ class EagerBatchNorm(torch.autograd.Function):
         running, momentum, eps, group, layer, check = spec
         output, mean, var, count, host_count = batch_norm_forward(input, weight, bias, eps, group, layer, check)
         if running is not None:
-            core.update_running_stats(*running, mean, var, count, momentum, host_count)
+            pooling.record_step(running, mean, var, count, momentum, host_count)
         ctx.save_for_backward(input, weight, mean, var, count)
         ctx.config = (host_count, eps, group, layer, check)
         ctx.dtypes = _dtypes(weight, bias)
@@ -327,7 +327,7 @@ class EagerInPlaceABN(torch.autograd.Function):
             out, input, weight, bias, eval_mean, eval_var, eps, activation, param, group, layer, check
         )
         if training and running is not None:
-            core.update_running_stats(*running, mean, var, count, momentum, host_count)
+            pooling.record_step(running, mean, var, count, momentum, host_count)
         if in_place:
             ctx.mark_dirty(input)
         # The output, not the input, is what backward needs: the whole point of the layer.
@@ -407,7 +407,6 @@ torch.library.register_autograd(
 )
 
 
-def custom_op_running_update(running: Optional[tuple[Tensor, Tensor]], mean, var, count, momentum: Any) -> None:
+def custom_op_running_update(running: Optional[pooling.Running], mean, var, count, momentum: Any) -> None:
     """The running-statistics update after a custom op (compiled code): no host read."""
-    if running is not None:
-        core.update_running_stats(*running, mean, var, count, momentum)
+    pooling.record_step(running, mean, var, count, momentum)

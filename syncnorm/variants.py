@@ -125,6 +125,10 @@ _INSTANCENORM_HAS_BIAS_FLAG = "bias" in inspect.signature(_InstanceNorm.__init__
 class _SyncInstanceNorm(SyncLayer, _InstanceNorm):
     """The shared body of SyncInstanceNorm1d/2d/3d (the dimension checks come from torch's classes)."""
 
+    # Its statistic is an average over instances (means, unbiased variances): pooled linearly.
+    _pools_moments = False
+    _pool_min_count = 1
+
     def __init__(
         self,
         num_features: int,
@@ -221,10 +225,17 @@ class _SyncInstanceNorm(SyncLayer, _InstanceNorm):
                     input=input, kind=guard.KIND_RUNNING_STATS,
                 )  # fmt: skip
             count, mean, var, host_count = core.reduced_means(payload, group, self.layer_name, what)
+            pool = self._pool()
+            if pool is not None:
+                pool.add(mean, var, count)
+                return
             core.update_running_stats(
                 self.running_mean, self.running_var, mean, var, count, self.momentum, host_count,
                 min_count=1, unbiased=False,
             )  # fmt: skip
+
+    def _window_momentum(self) -> core.Momentum:
+        return self.momentum  # as nn.InstanceNorm: no step count
 
     def _synchronises_running_stats(self) -> bool:
         return (
