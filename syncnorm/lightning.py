@@ -52,7 +52,7 @@ except ModuleNotFoundError as no_pl:
             raise
         raise _missing_lightning() from no_pl
 
-__all__ = ["PreciseBNCallback", "SyncNormCallback", "SyncNormDriftWarning", "SyncNormPlugin"]
+__all__ = ["AccumulationCallback", "PreciseBNCallback", "SyncNormCallback", "SyncNormDriftWarning", "SyncNormPlugin"]
 
 
 class SyncNormPlugin(LayerSync):
@@ -396,4 +396,5 @@ def _checksums(layers: list[SyncBatchNorm]) -> torch.Tensor:
     return torch.stack(values)
 
 
+from .lightning_accumulate import AccumulationCallback  # noqa: E402  (syncnorm.lightning.AccumulationCallback)
 from .lightning_precise import PreciseBNCallback  # noqa: E402  (syncnorm.lightning.PreciseBNCallback)

@@ -251,3 +251,40 @@ def test_the_accelerate_recipe_moves_the_statistics_once_per_optimizer_step():
     torch.testing.assert_close(running_mean, reference.running_mean)
     torch.testing.assert_close(running_var, reference.running_var)
     assert steps == 2
+
+
+def test_the_lightning_callback_moves_the_statistics_once_per_optimizer_step_partial_window_included(tmp_path):
+    pl = pytest.importorskip("pytorch_lightning")
+    from syncnorm.lightning import AccumulationCallback
+
+    class Module(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = nn.Linear(3, 4)
+            self.norm = syncnorm.SyncBatchNorm(4, momentum=0.5)
+            self.inputs: list[torch.Tensor] = []
+
+        def training_step(self, batch, batch_idx):
+            hidden = self.linear(batch)
+            self.inputs.append(hidden.detach().clone())
+            return self.norm(hidden).square().mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.0)  # lr 0: the reference sees the same inputs
+
+    torch.manual_seed(0)
+    batches = [torch.randn(n, 3) for n in (3, 5, 2, 4, 6)]  # windows of 2: [3, 5], [2, 4], [6]
+    module = Module()
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=1, max_epochs=1, accumulate_grad_batches=2, callbacks=[AccumulationCallback()],
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )  # fmt: skip
+    trainer.fit(module, torch.utils.data.DataLoader(batches, batch_size=None))
+    reference = nn.BatchNorm1d(4, momentum=0.5)
+    inputs = module.inputs
+    for window in (inputs[0:2], inputs[2:4], inputs[4:5]):
+        reference(torch.cat(window))
+    torch.testing.assert_close(module.norm.running_mean, reference.running_mean)
+    torch.testing.assert_close(module.norm.running_var, reference.running_var)
+    assert module.norm.num_batches_tracked.item() == 3
