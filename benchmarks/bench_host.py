@@ -21,6 +21,7 @@ the backward counts include the three gradient accumulations, input, weight and 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -53,7 +54,7 @@ class _CountOps(TorchDispatchMode):
 def _layer(kind: str, channels: int, ndim: int, device: str) -> nn.Module:
     if kind == "nn.BatchNorm":
         return (nn.BatchNorm1d if ndim == 2 else nn.BatchNorm2d)(channels).to(device)
-    if kind == "syncnorm":
+    if kind in ("syncnorm", PROFILING):
         return syncnorm.SyncBatchNorm(channels).to(device)
     return nn.SyncBatchNorm(channels).to(device)
 
@@ -81,8 +82,12 @@ def _count_ops(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> tuple[i
     return len(forward.ops), len(backward.ops)
 
 
-def measure(device: str, shapes, repeats: int, inner_ops: int) -> list[dict]:
+PROFILING = "syncnorm, profiling"  # the same layer inside ``with syncnorm.profile()``
+
+
+def measure(device: str, shapes, repeats: int, inner_ops: int, with_profiler: bool = False) -> list[dict]:
     kinds = ["nn.BatchNorm", "syncnorm"] + (["torch.nn.SyncBatchNorm"] if device == "cuda" else [])
+    kinds += [PROFILING] if with_profiler else []
     rows = []
     for shape in shapes:
         x = torch.randn(shape, device=device, requires_grad=True)
@@ -103,11 +108,12 @@ def measure(device: str, shapes, repeats: int, inner_ops: int) -> list[dict]:
                 layer = layers[kind]
                 if device == "cuda":
                     torch.cuda.synchronize()
-                start = time.perf_counter()
-                for _ in range(inner):
-                    layer(x).backward(grad)
-                # Host time: what the CPU spent issuing the work (no synchronise inside).
-                block[kind] = (time.perf_counter() - start) / inner * 1e6
+                with syncnorm.profile() if kind == PROFILING else contextlib.nullcontext():
+                    start = time.perf_counter()
+                    for _ in range(inner):
+                        layer(x).backward(grad)
+                    # Host time: what the CPU spent issuing the work (no synchronise inside).
+                    block[kind] = (time.perf_counter() - start) / inner * 1e6
                 if device == "cuda":
                     torch.cuda.synchronize()
             for kind in kinds:
@@ -135,13 +141,16 @@ def main() -> None:
     parser.add_argument("--inner", type=int, default=10, help="calls per timed block at tiny shapes")
     parser.add_argument("--large", action="store_true", help="also the ResNet-50 layer shapes (slow on CPU)")
     parser.add_argument("--json", help="write the rows here")
+    parser.add_argument(
+        "--profiler", action="store_true", help=f"also '{PROFILING}': the layer inside syncnorm.profile()"
+    )
     options = parser.parse_args()
     torch.set_num_threads(1)
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=FAKE_WORLD)
     shapes = TINY_SHAPES + MEDIUM_SHAPES + (RESNET50_LAYER_SHAPES if options.large else ())
-    rows = measure(options.device, shapes, options.repeats, options.inner)
+    rows = measure(options.device, shapes, options.repeats, options.inner, options.profiler)
     commit = _syncnorm_commit()
     print(
         f"host time per fwd+bwd, W={FAKE_WORLD} (fake group), {options.device}, torch {torch.__version__}, "

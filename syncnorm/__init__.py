@@ -22,6 +22,7 @@ from .guard import check_enabled, set_check
 from .inplace_abn import InPlaceABN, InPlaceABNSync
 from .modules import SyncBatchNorm, SyncBatchNormAct2d
 from .precise import PreciseBNResult, precise_bn
+from .profiler import Profile, profile
 from .variants import LayerNorm2d, SyncInstanceNorm1d, SyncInstanceNorm2d, SyncInstanceNorm3d, get_norm
 
 __version__ = "0.1.0"
@@ -54,6 +55,8 @@ __all__ = [
     "PreciseBNResult",
     "PreciseBNWarning",
     "precise_bn",
+    "Profile",
+    "profile",
     "register_conversion",
     "resolve_group",
     "revert_sync_batchnorm",

@@ -34,6 +34,7 @@ from typing import Any, Optional, Union
 import torch
 import torch.distributed as dist
 
+from . import profiler
 from .errors import SyncNormCollectiveError
 
 __all__ = [
@@ -286,6 +287,8 @@ def all_reduce(
     """
     wait = _waits_for_release(tensor)
     baseline = tensor._use_count() if wait else 0
+    recording = profiler._active
+    begun = recording._begin(tensor) if recording is not None and not torch.compiler.is_compiling() else None
     try:
         if torch.compiler.is_compiling():
             dist.all_reduce(tensor, op=op, group=group)
@@ -315,6 +318,8 @@ def all_reduce(
         ) from err
     if wait:
         _wait_until_released(tensor, baseline)
+    if begun is not None:
+        recording._end(begun, tensor, group, layer, what)
     return tensor
 
 
