@@ -47,7 +47,7 @@ def models(session: nox.Session) -> None:
     )
     session.run(
         "python", "-m", "pytest", "-n", "auto", *CORE_TESTS, "tests/test_models.py", "tests/test_fake_cuda.py",
-        *session.posargs,
+        "tests/test_doctor.py", *session.posargs,
     )  # fmt: skip
 
 
