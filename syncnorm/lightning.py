@@ -52,7 +52,14 @@ except ModuleNotFoundError as no_pl:
             raise
         raise _missing_lightning() from no_pl
 
-__all__ = ["AccumulationCallback", "PreciseBNCallback", "SyncNormCallback", "SyncNormDriftWarning", "SyncNormPlugin"]
+__all__ = [
+    "AccumulationCallback",
+    "PreciseBNCallback",
+    "ProfileCallback",
+    "SyncNormCallback",
+    "SyncNormDriftWarning",
+    "SyncNormPlugin",
+]
 
 
 class SyncNormPlugin(LayerSync):
@@ -398,3 +405,4 @@ def _checksums(layers: list[SyncBatchNorm]) -> torch.Tensor:
 
 from .lightning_accumulate import AccumulationCallback  # noqa: E402  (syncnorm.lightning.AccumulationCallback)
 from .lightning_precise import PreciseBNCallback  # noqa: E402  (syncnorm.lightning.PreciseBNCallback)
+from .lightning_profile import ProfileCallback  # noqa: E402  (syncnorm.lightning.ProfileCallback)

@@ -66,3 +66,45 @@ def test_profiles_do_not_nest_and_nothing_is_recorded_outside_one():
             with syncnorm.profile():
                 pass
     assert profiler.active() is None
+
+
+def _lightning_fit(rank, world_size, tmp_path):
+    import os
+
+    import pytorch_lightning as pl
+
+    from syncnorm.lightning import ProfileCallback
+
+    # torchrun's variables: Lightning then takes the process group this runner made (no spawning).
+    os.environ.update(WORLD_SIZE=str(world_size), RANK=str(rank), LOCAL_RANK=str(rank), NODE_RANK="0",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT="1")  # fmt: skip
+
+    class Module(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = make_model()
+
+        def training_step(self, batch, batch_idx):
+            return self.net(batch).square().mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    callback = ProfileCallback()
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=world_size, strategy="ddp", max_epochs=2, callbacks=[callback], logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+    )  # fmt: skip
+    batches = [torch.randn(4, 3, 6, 6) for _ in range(6)]  # Lightning's DistributedSampler: 3 per rank
+    trainer.fit(Module(), torch.utils.data.DataLoader(batches, batch_size=None))
+    logged = {key: float(value) for key, value in trainer.callback_metrics.items() if key.startswith("syncnorm/")}
+    return logged, callback.last.summary()
+
+
+def test_the_lightning_callback_logs_each_epochs_collectives(tmp_path):
+    pytest.importorskip("pytorch_lightning")
+    for logged, summary in run_ranks(_lightning_fit, 2, tmp_path, timeout=300):
+        # the last epoch: 3 steps x 2 layers x (forward + backward)
+        assert logged["syncnorm/calls"] == summary["calls"] == 12
+        assert logged["syncnorm/payload_bytes"] == 3 * ((2 * 5 + 3) + (2 * 5 + 2) + (2 * 7 + 3) + (2 * 7 + 2)) * 8
+        assert 0.0 < logged["syncnorm/collective_share"] < 1.0
