@@ -1,7 +1,7 @@
 """Everything issue 19 asks of one lent GPU, in one run: correctness, host syncs, CUDA graphs, compile,
 speed, memory; a report that cannot read PASS for something that did not happen.
 
-    timeout -k 5 268 python benchmarks/gpu_check.py --device cuda --out OUT [--syncnorm-commit SHA]
+    PYTHONUNBUFFERED=1 timeout -s KILL 268 python benchmarks/gpu_check.py --device cuda --out OUT --syncnorm-commit SHA
     python benchmarks/gpu_check.py --device cpu --out /tmp/gpucheck [--quick]   # rehearsal
 
 Sections (``--sections`` picks some), in the order they run:

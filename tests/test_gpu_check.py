@@ -77,7 +77,7 @@ def test_cpu_rehearsal_runs_every_section_and_reports_every_target(tmp_path):
     rows = {row["target"]: row for row in data["targets"]}
     assert list(rows) == [target for target, _, _ in report.TARGETS]
     for row in data["targets"]:
-        assert f"| {row['target']} | {row['measured']} | {row['result']} |" in markdown.replace("|", "|")
+        assert f"| {row['target']} | {row['measured']} | {row['result']} |" in markdown
         assert row["result"] in ("PASS", "CPU rehearsal (no verdict)"), row
     by_check = {(row["section"], name): row["result"] for (_, _, name), row in zip(report.TARGETS, data["targets"])}
     for passed in [("a", "correctness"), ("c2", "default"), ("c2", "reduce-overhead"), ("b", "layer_coverage"),
