@@ -1,7 +1,7 @@
 """Building blocks of the benchmark suite: the compared variants, the timing loop, memory probes, plots.
 
 The variants and the timing loop run inside rank processes started by
-``tests/harness.run_ranks`` (a real gloo group). The comparison variants are written
+``syncnorm.testing.run_ranks`` (a real gloo group). The comparison variants are written
 here, not imported:
 
 * ``nn.BatchNorm`` on the local batch: the compute floor;
@@ -19,7 +19,6 @@ import gc
 import os
 import platform
 import random
-import sys
 import textwrap
 import time
 from collections.abc import Callable
@@ -31,12 +30,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-for _path in (REPO_ROOT, os.path.join(REPO_ROOT, "tests")):
-    if _path not in sys.path:
-        sys.path.insert(0, _path)
+import syncnorm
 
-import syncnorm  # noqa: E402  (needs the repo root on sys.path when run as a script)
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # The BatchNorm input shapes of ResNet-50, per sample (C, H, W).
 RESNET50_SHAPES = ((64, 112, 112), (256, 56, 56), (512, 28, 28), (1024, 14, 14), (2048, 7, 7))
@@ -419,3 +415,9 @@ def plot_step_ratios(e2e: dict, baseline: str, path: str, meta: dict | None = No
     figure.tight_layout(rect=(0, 0.04, 1, 1))
     figure.savefig(path, dpi=100)
     plt.close(figure)
+
+
+def shard(global_batch: torch.Tensor, rank: int, sizes: list[int]) -> torch.Tensor:
+    """This rank's slice of a global batch split into consecutive pieces of the given sizes."""
+    start = sum(sizes[:rank])
+    return global_batch[start : start + sizes[rank]]

@@ -14,13 +14,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
-from _bench_common import REPO_ROOT  # noqa: F401  (puts the repo root and tests/ on sys.path)
+from _bench_common import shard
 from _gpu_check_parts import layout_problems, track_error
 from _gpu_check_report import check
-from harness import RankError, run_ranks, shard
 from torch import Tensor, nn
 
 import syncnorm
+from syncnorm.testing import RankError, run_ranks
 
 if TYPE_CHECKING:
     from _gpu_check_run import Run

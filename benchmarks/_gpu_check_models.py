@@ -21,7 +21,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from _bench_common import REPO_ROOT  # noqa: F401  (puts the repo root and tests/ on sys.path)
 from torch import Tensor, nn
 from torch.nn.modules.instancenorm import _InstanceNorm
 

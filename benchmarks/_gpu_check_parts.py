@@ -17,7 +17,6 @@ from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
-from _bench_common import REPO_ROOT  # noqa: F401  (puts the repo root and tests/ on sys.path)
 from torch import Tensor, nn
 
 import syncnorm

@@ -25,7 +25,7 @@ from typing import Any
 import _gpu_check_parts as parts
 import _gpu_check_report as report
 import torch
-from _bench_common import RESNET50_SHAPES, machine_description  # puts the repo root and tests/ on sys.path
+from _bench_common import RESNET50_SHAPES, machine_description
 
 # The budget, from the start of the process (imports included). Two runs and two machine starts
 # must fit in 15 minutes of device time, so one run may take at most MAX_RUN_S however it ends.

@@ -17,7 +17,7 @@ import statistics
 
 import torch
 import torch.distributed as dist
-from _bench_common import RESNET50_SHAPES  # also puts the repo root on sys.path
+from _bench_common import RESNET50_SHAPES
 from torch import nn
 from torch.testing._internal.distributed.fake_pg import FakeStore
 

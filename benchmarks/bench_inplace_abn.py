@@ -32,11 +32,11 @@ import time
 import torch
 import torch.distributed as dist
 from _bench_common import machine_description, median, paired_ratio, saved_tensor_bytes, time_interleaved
-from harness import run_ranks
 from torch import nn
 
 import syncnorm
 from syncnorm.inplace_abn import InPlaceABN
+from syncnorm.testing import run_ranks
 
 BASELINE = "BN + act"
 VARIANTS = (BASELINE, "SyncBN + act", "InPlaceABN", "InPlaceABN inplace")

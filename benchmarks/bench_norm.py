@@ -50,10 +50,10 @@ from _bench_common import (
     saved_tensor_bytes,
     time_interleaved,
 )
-from harness import run_ranks
 from torch import nn
 
 import syncnorm
+from syncnorm.testing import run_ranks
 
 BASELINE, FLOOR, NAIVE, OURS, TORCH_SYNC = "nn.BatchNorm", "sync floor", "naive", "syncnorm", "torch SyncBN"
 W1_TARGET, FLOOR_TARGET, NAIVE_TARGET = 1.05, 1.25, 0.8

@@ -25,24 +25,18 @@ from __future__ import annotations
 import argparse
 import copy
 import inspect
-import os
 import statistics
-import sys
 import time
 
 import torch
+import torch._dynamo  # noqa: E402, F401  (DDP imports it lazily; load it once before the ranks fork)
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-import torch._dynamo  # noqa: E402, F401  (DDP imports it lazily; load it once before the ranks fork)
-from harness import run_ranks  # noqa: E402
-
 import syncnorm  # noqa: E402
+from syncnorm.testing import run_ranks  # noqa: E402
 
 
 class ResidualBlock(nn.Module):

@@ -22,10 +22,10 @@ import json
 import os
 
 import torch
-from _bench_common import pyplot  # (importing _bench_common puts the repo root and tests/ on sys.path)
-from harness import recorded_all_reduces, run_ranks
+from _bench_common import pyplot
 
 import syncnorm
+from syncnorm.testing import recorded_all_reduces, run_ranks
 
 # The 53 BatchNorm layers of ResNet-50 by channel count: stem, then per stage
 # (blocks x [width, width, 4 width]) plus one downsample BatchNorm of 4 width.

@@ -12,19 +12,15 @@ reported, from a trace that stops at that error if it must.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import sys
 import time
 
 import torch
 import torch._dynamo
 from torch import nn
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-from harness import run_ranks  # noqa: E402
-
 import syncnorm  # noqa: E402
+from syncnorm.testing import run_ranks  # noqa: E402
 
 
 def _net() -> nn.Module:

@@ -30,13 +30,20 @@ from __future__ import annotations
 
 import argparse
 import collections
+import os
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
-ROOT = Path(__file__).resolve().parents[1]
+from syncnorm.testing import free_port, kill_tree
+
+# Launchers read these to detect an outer job; a job started here must not inherit them.
+LAUNCHER_ENV_PREFIXES = ("SLURM_", "TORCHELASTIC_", "ACCELERATE_", "SYNCNORM_")
+LAUNCHER_ENV = ("LOCAL_RANK", "RANK", "WORLD_SIZE", "NODE_RANK", "GROUP_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
+                "MASTER_PORT", "RAY_ADDRESS")  # fmt: skip
 JOBS = (
     "lightning-none",
     "lightning-plugin",
@@ -119,12 +126,19 @@ def _torchrun_job(variant: str) -> None:
     # The script ends here, like many training scripts: no barrier, no destroy_process_group.
 
 
-def _run_once(job: str, syncnorm_path: Path, workdir: Path) -> tuple[int, str]:
-    from harness import free_port, kill_tree, launcher_free_env  # the tests' job runner (main puts tests/ on the path)
+def _job_env(syncnorm_path: Optional[Path]) -> dict[str, str]:
+    """This environment without launcher variables (this may itself run under a launcher)."""
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_ENV and not k.startswith(LAUNCHER_ENV_PREFIXES)}
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    if syncnorm_path is not None:  # another checkout, chosen on the command line, to compare against
+        env["PYTHONPATH"] = str(syncnorm_path)
+    return env
 
-    env = launcher_free_env(PYTHONPATH=str(syncnorm_path))
+
+def _run_once(job: str, syncnorm_path: Optional[Path], workdir: Path) -> tuple[int, str]:
+    env = _job_env(syncnorm_path)
     family, variant = job.split("-", 1)
-    script = [str(Path(__file__).resolve()), "--worker", job, "--syncnorm-path", str(syncnorm_path)]
+    script = [str(Path(__file__).resolve()), "--worker", job]
     if family == "lightning":
         env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
         command = [sys.executable, *script]
@@ -156,23 +170,25 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--jobs", default="lightning-plugin,lightning-callback,lightning-both,torchrun-step")
-    parser.add_argument("--syncnorm-path", type=Path, default=ROOT)
+    parser.add_argument(
+        "--syncnorm-path", type=Path, help="the folder holding another syncnorm package to run (default: installed)"
+    )
     parser.add_argument("--show-failures", action="store_true", help="print the tail of each failed run's output")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        sys.path.insert(0, str(args.syncnorm_path.resolve()))
         family, variant = args.worker.split("-", 1)
         (_lightning_job if family == "lightning" else _torchrun_job)(variant)
         return 0
-    sys.path.insert(0, str(ROOT / "tests"))  # the parent runs the jobs with the tests' harness
 
     jobs = [job.strip() for job in args.jobs.split(",") if job.strip()]
     unknown = [job for job in jobs if job not in JOBS]
     if unknown:
         parser.error(f"unknown jobs {unknown}; choose from {', '.join(JOBS)}")
-    syncnorm_path = args.syncnorm_path.resolve()
-    print(f"syncnorm from {syncnorm_path}, {args.repeats} consecutive runs per job", flush=True)
+    syncnorm_path = args.syncnorm_path.resolve() if args.syncnorm_path else None
+    print(
+        f"syncnorm from {syncnorm_path or 'the installed package'}, {args.repeats} consecutive runs per job", flush=True
+    )
     failed_syncnorm_job = False
     with tempfile.TemporaryDirectory(prefix="syncnorm-exit-") as folder:
         for job in jobs:

@@ -17,10 +17,10 @@ import argparse
 
 import torch
 import torch.distributed as dist
-from _bench_common import machine_description, median, time_interleaved  # also puts syncnorm and tests/ on sys.path
-from harness import run_ranks
+from _bench_common import machine_description, median, time_interleaved
 
 import syncnorm
+from syncnorm.testing import run_ranks
 
 SHAPES = [(8, 64, 28, 28), (256, 512)]
 GUARD_PAYLOAD = 15  # int32 values in the guard's all_reduce (see syncnorm/guard.py)

@@ -21,17 +21,13 @@ import inspect
 import os
 import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # syncnorm from this checkout, and the project's rank harness
+import torch
+import torch.distributed as dist
+from torch import nn
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-from harness import run_ranks  # noqa: E402
-from torch import nn  # noqa: E402
-
-import syncnorm  # noqa: E402
+import syncnorm
+from syncnorm.testing import run_ranks
 
 CLASSES = 10
 

@@ -1,5 +1,8 @@
 """Run a function on N gloo ranks on this machine: for testing a model with syncnorm in CI.
 
+Also here: :func:`recorded_all_reduces` (what collectives a step makes), :func:`kill_tree` (end a
+launched job with every worker it started) and :func:`free_port`.
+
 ``run_ranks(fn, world_size, *args)`` starts ``world_size`` processes, joins them into a real
 gloo process group on CPU, runs ``fn(rank, world_size, *args)`` on each and returns the
 per-rank results, in rank order::
@@ -32,13 +35,16 @@ after the parent ran a backward; ``fn`` must then be importable and ``args`` pic
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
 import pickle
+import signal
+import socket
 import tempfile
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -46,7 +52,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["RankError", "RanksHung", "run_ranks"]
+__all__ = ["RankError", "RanksHung", "free_port", "kill_tree", "recorded_all_reduces", "run_ranks"]
 
 
 @dataclass
@@ -160,3 +166,66 @@ def run_ranks(
         if failures:
             raise AssertionError("\n".join(failures))
     return results
+
+
+@contextlib.contextmanager
+def recorded_all_reduces() -> Iterator[list[tuple[int, torch.dtype]]]:
+    """Record ``(numel, dtype)`` of every all_reduce this process issues, at the ProcessGroup level.
+
+    ``with recorded_all_reduces() as calls: model(x).sum().backward()`` then ``calls`` lists them:
+    a test can assert how many collectives a step makes, and how large. Every all_reduce reaches
+    ``ProcessGroup.allreduce``, whether through ``dist.all_reduce`` or a direct call, so nothing
+    can slip past the count.
+    """
+    calls: list[tuple[int, torch.dtype]] = []
+    real = dist.ProcessGroup.allreduce  # a plain function here: it takes the group explicitly
+    # What the class holds is a pybind method descriptor; setting `real` back would lose the binding.
+    saved = dist.ProcessGroup.__dict__["allreduce"]
+
+    def recording(self, tensors, *args, **kwargs):
+        for tensor in tensors if isinstance(tensors, (list, tuple)) else [tensors]:
+            calls.append((tensor.numel(), tensor.dtype))
+        return real(self, tensors, *args, **kwargs)
+
+    dist.ProcessGroup.allreduce = recording
+    try:
+        yield calls
+    finally:
+        dist.ProcessGroup.allreduce = saved
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (for ``--master-port`` and the like)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every live descendant of ``pid`` (from /proc), whatever session or group it moved to."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as handle:
+                stat = handle.read()
+        except OSError:
+            continue
+        ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
+        children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL ``pid`` and all its descendants (collected first: a killed parent's children are re-parented)."""
+    for target in [pid, *_descendants(pid)]:
+        try:
+            os.kill(target, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

@@ -14,10 +14,7 @@ the output so far.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
-import socket
 import subprocess
 import sys
 from collections.abc import Callable
@@ -26,10 +23,9 @@ from typing import Any, Optional
 
 import torch
 import torch._dynamo  # noqa: F401  (DDP and FSDP import it lazily: ~7 s in every forked rank otherwise)
-import torch.distributed as dist
 
 from syncnorm import testing
-from syncnorm.testing import RankError, RanksHung  # noqa: F401  (re-exported for the tests)
+from syncnorm.testing import RankError, RanksHung, free_port, kill_tree, recorded_all_reduces  # noqa: F401
 
 
 def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, **kwargs: Any) -> list[Any]:
@@ -66,36 +62,6 @@ LAUNCHER_ENV = ("LOCAL_RANK", "RANK", "WORLD_SIZE", "NODE_RANK", "GROUP_RANK", "
                 "MASTER_PORT", "RAY_ADDRESS")  # fmt: skip
 
 
-@contextlib.contextmanager
-def recorded_all_reduces():
-    """Record (numel, dtype) of every all_reduce this process issues, at the ProcessGroup level.
-
-    Every all_reduce reaches ``ProcessGroup.allreduce``, whether through ``dist.all_reduce`` or a
-    direct call, so nothing can slip past the count.
-    """
-    calls: list[tuple[int, torch.dtype]] = []
-    real = dist.ProcessGroup.allreduce  # a plain function here: it takes the group explicitly
-    # What the class holds is a pybind method descriptor; setting `real` back would lose the binding.
-    saved = dist.ProcessGroup.__dict__["allreduce"]
-
-    def recording(self, tensors, *args, **kwargs):
-        for tensor in tensors if isinstance(tensors, (list, tuple)) else [tensors]:
-            calls.append((tensor.numel(), tensor.dtype))
-        return real(self, tensors, *args, **kwargs)
-
-    dist.ProcessGroup.allreduce = recording
-    try:
-        yield calls
-    finally:
-        dist.ProcessGroup.allreduce = saved
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def launcher_free_env(**extra: str) -> dict[str, str]:
     """This environment without launcher variables, one thread per process, the repo importable; plus ``extra``.
 
@@ -104,36 +70,6 @@ def launcher_free_env(**extra: str) -> dict[str, str]:
     env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO), PYTHON=sys.executable)
     env.update(extra)
     return env
-
-
-def _descendants(pid: int) -> list[int]:
-    """Every live descendant of ``pid`` (from /proc), whatever session or group it moved to."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as handle:
-                stat = handle.read()
-        except OSError:
-            continue
-        ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
-        children.setdefault(ppid, []).append(int(entry))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
-def kill_tree(pid: int) -> None:
-    """SIGKILL ``pid`` and all its descendants (collected first: a killed parent's children are re-parented)."""
-    for target in [pid, *_descendants(pid)]:
-        try:
-            os.kill(target, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 def run_command(
