@@ -66,7 +66,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, help="default 0.05; --compare: 0.02 (less epoch-to-epoch noise)")
     parser.add_argument("--momentum", type=float, default=0.9)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, help="output and checkpoint folder (default runs/digits)")
+    parser.add_argument("--out", type=Path, help="output folder (default runs/digits; --compare: runs/compare)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default auto; --compare: cpu")
     parser.add_argument("--ckpt-every", type=int, default=0, help="also checkpoint every N steps (0: epoch ends only)")
     parser.add_argument("--limit-batches", type=int, default=0, help="only the first N batches per epoch")

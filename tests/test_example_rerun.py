@@ -107,7 +107,7 @@ def test_an_unfinished_run_resumes_also_when_torchrun_restarts_a_fresh_run(tmp_p
     (out / ".crash-injected").unlink()
     log = tmp_path / "processes.jsonl"
     restarting = launcher_free_env(MAX_RESTARTS="1")
-    _, output = torchrun(out, *job, "--fresh", env=restarting, crash=(*crash, "--log", log))
+    _, output = torchrun(out, *job, "--fresh", env=restarting, crash=(*crash, "--process-log", log))
     assert killed_a_worker(output) and (out / ".crash-injected").exists(), output[-5000:]
     processes = [json.loads(line) for line in log.read_text().splitlines()]
     assert sorted(e["restart"] for e in processes if e["event"] == "start" and e["rank"] == 0) == ["0", "1"]

@@ -131,7 +131,7 @@ def test_kill_9_of_a_worker_restarts_and_resumes_to_identical_weights(tmp_path):
     reference = start(["bash", LOCAL, 2, TRAIN, *job, "--out", uninterrupted], launcher_free_env())
     # Rank 1 SIGKILLs itself after step 14 (epoch 2, batch 6); the newest checkpoint is step 12
     # (epoch 2, batch 4), so the restarted group must redo steps 13-14 from the right batches.
-    crashing = [CRASH_JOB, "--crash-at-step", 14, "--crash-rank", 1, "--log", log, TRAIN]
+    crashing = [CRASH_JOB, "--crash-at-step", 14, "--crash-rank", 1, "--process-log", log, TRAIN]
     stdout, stderr = finish(
         start(["bash", LOCAL, 2, *crashing, *job, "--out", faulted], launcher_free_env(MAX_RESTARTS="1"))
     )
