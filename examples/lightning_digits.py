@@ -14,22 +14,16 @@ Needs ``pip install "syncnorm[lightning,examples]"``.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 from typing import Optional
 
+import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from common import DigitsNet, load_digits
 from torch.utils.data import DataLoader
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # examples/common.py
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # syncnorm from a source checkout
-
-import pytorch_lightning as pl  # noqa: E402
-from common import DigitsNet, load_digits  # noqa: E402
-
-from syncnorm.lightning import SyncNormCallback, SyncNormPlugin  # noqa: E402
+from syncnorm.lightning import SyncNormCallback, SyncNormPlugin
 
 
 class DigitsClassifier(pl.LightningModule):

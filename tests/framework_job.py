@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -30,9 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # syncnorm from the source checkout
-
-import syncnorm  # noqa: E402
+import syncnorm
 
 WORLD = 2
 STEPS = 3
@@ -189,10 +186,10 @@ def run_ray(out: Path) -> None:
     # A private instance ("local": never join a cluster another test or user started), as small as
     # the job: two CPUs for the two workers, no dashboard, a minimal object store.
     temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # Ray's socket paths must stay short
-    # The local instance's processes inherit this environment: workers import syncnorm from this
-    # checkout, as the driver does (sys.path above), and run one thread each.
+    # The local instance's processes inherit this environment: workers import this job module
+    # (the training function travels by reference) from its folder, and run one thread each.
     here = Path(__file__).resolve().parent
-    os.environ["PYTHONPATH"] = os.pathsep.join([str(here.parent), str(here), os.environ.get("PYTHONPATH", "")])
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(here), os.environ.get("PYTHONPATH", "")])
     os.environ["OMP_NUM_THREADS"] = "1"
     ray.init(
         address="local",

@@ -30,10 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-import syncnorm  # noqa: E402
-from syncnorm.lightning import SyncNormPlugin  # noqa: E402
+import syncnorm
+from syncnorm.lightning import SyncNormPlugin
 
 WORLD = 2
 PER_RANK = 4

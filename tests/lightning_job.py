@@ -14,21 +14,17 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import warnings
 from pathlib import Path
 
+import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from pytorch_lightning.callbacks import ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # syncnorm from the source checkout
-
-import pytorch_lightning as pl  # noqa: E402
-from pytorch_lightning.callbacks import ModelCheckpoint  # noqa: E402
-
-from syncnorm.lightning import SyncNormCallback, SyncNormPlugin  # noqa: E402
+from syncnorm.lightning import SyncNormCallback, SyncNormPlugin
 
 TRAIN_SHARDS = (5, 3)  # unequal, so per-rank and global statistics differ in mean and variance
 EVAL_SHARD = 3

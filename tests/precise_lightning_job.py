@@ -13,21 +13,17 @@ statistics from the recorded weights on its own.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
+import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from pytorch_lightning.loggers import CSVLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # syncnorm from the source checkout
-
-import pytorch_lightning as pl  # noqa: E402
-from pytorch_lightning.loggers import CSVLogger  # noqa: E402
-
-from syncnorm.lightning import SyncNormPlugin  # noqa: E402
-from syncnorm.lightning_precise import PreciseBNCallback  # noqa: E402
+from syncnorm.lightning import SyncNormPlugin
+from syncnorm.lightning_precise import PreciseBNCallback
 
 TRAIN_SHARDS = (6, 5)  # rank 1's last batch is short
 BATCH = 3

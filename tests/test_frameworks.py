@@ -33,9 +33,7 @@ BF16 = {"rtol": 2e-2, "atol": 2e-2}
 
 def run_job(cmd: list[str], out: Path) -> str:
     """Run one framework job; on timeout kill its whole process tree (the other rank included)."""
-    env = launcher_free_env(
-        MASTER_ADDR="127.0.0.1", PYTHONPATH=os.pathsep.join([str(REPO), str(TESTS)]), RAY_USAGE_STATS_ENABLED="0"
-    )
+    env = launcher_free_env(MASTER_ADDR="127.0.0.1", PYTHONPATH=str(TESTS), RAY_USAGE_STATS_ENABLED="0")
     returncode, output = run_command(cmd, timeout=RUN_TIMEOUT_S, env=env)
     assert returncode == 0, f"{' '.join(cmd)} failed ({returncode}):\n{output[-6000:]}"
     return output

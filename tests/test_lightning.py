@@ -8,7 +8,6 @@ because every run costs seconds of interpreter and Lightning start-up.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import textwrap
@@ -268,10 +267,7 @@ def test_import_without_lightning_names_the_extra():
             print("IMPORTED")
         """
     )
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    result = subprocess.run(
-        [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
-    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("IMPORT ERROR: ImportError"), result.stdout
     assert 'pip install "syncnorm[lightning]"' in result.stdout
