@@ -8,13 +8,17 @@
   torchvision's wheels import only with their matching CUDA build of torch, which is why the
   model-zoo tests live here and skip in the pinned suite.
 * ``oldest``: the oldest torch ``pyproject.toml`` admits (``torch>=2.5``): the core tests.
+* ``wheel``: syncnorm built as a wheel and installed as users get it (not editable): the core
+  tests, the runner and the doctor against that install.
 """
 
 from __future__ import annotations
 
+import os
+
 import nox
 
-nox.options.sessions = ["tests", "models", "oldest"]
+nox.options.sessions = ["tests", "models", "oldest", "wheel"]
 nox.options.reuse_existing_virtualenvs = True
 
 TEST_TOOLS = ["pytest>=8", "pytest-xdist>=3.5", "pytest-timeout>=2.3"]
@@ -59,5 +63,24 @@ def oldest(session: nox.Session) -> None:
     session.run("python", "-c", "import torch; print(torch.__version__)")
     session.run(
         "python", "-m", "pytest", "-n", "auto", *CORE_TESTS, "tests/test_variants.py", "tests/test_sharded.py",
+        *session.posargs,
+    )  # fmt: skip
+
+
+@nox.session
+def wheel(session: nox.Session) -> None:
+    """The package as users install it: a built wheel, not the source tree."""
+    folder = session.create_tmp()
+    session.run("python", "-m", "pip", "wheel", "--no-deps", "--wheel-dir", folder, ".")
+    session.install("-c", "constraints.txt", "torch", "numpy", *TEST_TOOLS)
+    wheels = [name for name in os.listdir(folder) if name.startswith("syncnorm-") and name.endswith(".whl")]
+    session.install("--no-deps", "--force-reinstall", os.path.join(folder, wheels[0]))
+    location = session.run(
+        "python", "-c", "import syncnorm, os; print(os.path.dirname(syncnorm.__file__))", silent=True
+    ).strip()
+    if "site-packages" not in location:
+        session.error(f"syncnorm imported from {location}, not from the installed wheel")
+    session.run(
+        "python", "-m", "pytest", "-n", "auto", *CORE_TESTS, "tests/test_harness.py", "tests/test_doctor.py",
         *session.posargs,
     )  # fmt: skip

@@ -2,7 +2,7 @@
 
 A job that trains fine can still fail at the very end: gloo aborts a process ("terminate called
 without an active exception", exit status 134 / -6) when its worker thread lets go of a tensor
-after the interpreter has begun to shut down (see ``syncnorm/collectives.py``). One run says
+after the interpreter has begun to shut down (see ``src/syncnorm/collectives.py``). One run says
 little; this script repeats each job and reports the exit codes it saw.
 
 Jobs (``--jobs``, comma separated):

@@ -23,7 +23,7 @@ import syncnorm
 from syncnorm.testing import run_ranks
 
 SHAPES = [(8, 64, 28, 28), (256, 512)]
-GUARD_PAYLOAD = 15  # int32 values in the guard's all_reduce (see syncnorm/guard.py)
+GUARD_PAYLOAD = 15  # int32 values in the guard's all_reduce (see src/syncnorm/guard.py)
 
 
 def _layer_steps(shape: tuple) -> dict:

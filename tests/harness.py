@@ -63,11 +63,12 @@ LAUNCHER_ENV = ("LOCAL_RANK", "RANK", "WORLD_SIZE", "NODE_RANK", "GROUP_RANK", "
 
 
 def launcher_free_env(**extra: str) -> dict[str, str]:
-    """This environment without launcher variables, one thread per process, the repo importable; plus ``extra``.
+    """This environment without launcher variables, one thread per process; plus ``extra``.
 
-    ``PYTHON`` is this interpreter, the one the launch scripts in ``launch/`` then run."""
+    ``PYTHON`` is this interpreter, the one the launch scripts in ``launch/`` then run; syncnorm
+    comes from its installed package, as for a user."""
     env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_ENV and not k.startswith(LAUNCHER_ENV_PREFIXES)}
-    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO), PYTHON=sys.executable)
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHON=sys.executable)
     env.update(extra)
     return env
 

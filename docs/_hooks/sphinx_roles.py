@@ -20,7 +20,7 @@ _FULL_NAMES: dict[str, str] = {}
 
 def _read_all(module: str) -> list[str]:
     parts = module.split(".")
-    path = Path(__file__).resolve().parents[2].joinpath(*parts)
+    path = Path(__file__).resolve().parents[2].joinpath("src", *parts)
     source = path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
     for node in ast.parse(source.read_text()).body:
         if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "__all__" for t in node.targets):

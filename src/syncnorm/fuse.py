@@ -12,7 +12,7 @@ result computes exactly what the pair did, so it is safe to run on any model:
   (a subclass may compute something else) and exact ``nn.LeakyReLU`` / ``nn.ELU``;
 * not where either module has hooks (they would see other tensors, or none);
 * not where a channel's |gamma| is below ``eps``: InPlaceABN floors |gamma| at ``eps`` (the
-  tiny-gamma rule, see ``syncnorm/inplace_abn.py``), which would change that channel's output.
+  tiny-gamma rule, see ``src/syncnorm/inplace_abn.py``), which would change that channel's output.
 
 The BatchNorm becomes the ``InPlaceABN`` under its own name, holding the very same parameter and
 buffer objects, so ``state_dict`` keys and optimiser state carry over; the activation's place
