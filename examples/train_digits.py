@@ -52,7 +52,10 @@ import syncnorm
 
 CKPT_FORMAT = 1
 # Settings that must match for a checkpoint to be resumable: they fix the data order and the math.
-RESUME_KEYS = ("norm", "batch_size", "seed", "lr", "momentum", "limit_batches", "world_size")
+# The global batch, not its split over ranks: with synchronised statistics a run is the same at
+# 4 ranks x batch 2 as at 2 x 4 (the sampler deals the same global batches), so it resumes on
+# another number of ranks.
+RESUME_KEYS = ("norm", "global_batch_size", "seed", "lr", "momentum", "limit_batches")
 OUTPUTS = ("metrics.json", "metrics.png", "final_model.pt")
 DEFAULTS = {"batch_size": 16, "lr": 0.05, "device": "auto", "out": Path("runs/digits")}
 COMPARE_DEFAULTS = {"batch_size": 2, "lr": 0.02, "device": "cpu", "out": Path("runs/compare")}
@@ -148,18 +151,21 @@ class EpochLoss:
     """Mean training loss of an epoch over all ranks, summed across ranks only at checkpoints.
 
     ``pending`` is this rank's share since the last fold; ``folded`` (the same on every rank) is the
-    all-reduced total so far. Folding at checkpoints keeps the steps free of extra collectives and
-    lets a checkpoint carry the partial epoch's loss.
+    all-reduced total so far, in global batches (each rank adds 1/W of its batch's loss and of a
+    batch), so a partial epoch carried over to another number of ranks keeps its weight. Folding at
+    checkpoints keeps the steps free of extra collectives and lets a checkpoint carry the partial
+    epoch's loss.
     """
 
-    def __init__(self, device: torch.device, distributed: bool) -> None:
+    def __init__(self, device: torch.device, distributed: bool, world_size: int) -> None:
         self.pending = torch.zeros(2, dtype=torch.float64, device=device)  # [sum of batch losses, batches]
         self.folded = [0.0, 0.0]
         self.distributed = distributed
+        self.share = 1.0 / world_size
 
     def add(self, loss: torch.Tensor) -> None:
-        self.pending[0] += loss.detach().double()
-        self.pending[1] += 1
+        self.pending[0] += loss.detach().double() * self.share
+        self.pending[1] += self.share
 
     def fold(self) -> list[float]:
         if self.distributed:
@@ -214,11 +220,15 @@ def load_newest_checkpoint(out: Path) -> Optional[dict]:
     return None
 
 
+def same_run(saved: dict, config: dict) -> bool:
+    return all(saved.get(key) == config[key] for key in RESUME_KEYS)
+
+
 def finished_run_message(out: Path, state: Optional[dict], config: dict, args: argparse.Namespace) -> Optional[str]:
     """A message when ``out`` holds this run complete (trained and its outputs written), else None."""
     if state is None or state["epoch"] < args.epochs or state["batches_done"] != 0:
         return None  # nothing yet, or training still to do: start or resume
-    if state["config"] != config:
+    if not same_run(state["config"], config):
         return None  # another run's checkpoints: train() says so
     try:
         metrics = json.loads((out / "metrics.json").read_text())
@@ -226,7 +236,7 @@ def finished_run_message(out: Path, state: Optional[dict], config: dict, args: a
         return None
     complete = {"epochs": state["epoch"], "step": state["step"], "precise_bn": args.precise_bn}
     if (
-        metrics.get("config") != config
+        not same_run(metrics.get("config", {}), config)
         or metrics.get("complete") != complete
         or not all((out / name).exists() for name in OUTPUTS)
     ):
@@ -294,14 +304,18 @@ def train(args: argparse.Namespace) -> bool:
         if args.fresh and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
             for path in [*out.glob("ckpt-*.pt"), *(out / name for name in OUTPUTS)]:
                 path.unlink(missing_ok=True)
-    config = {key: world_size if key == "world_size" else getattr(args, key) for key in RESUME_KEYS}
+    config = {
+        "norm": args.norm, "global_batch_size": world_size * args.batch_size, "seed": args.seed, "lr": args.lr,
+        "momentum": args.momentum, "limit_batches": args.limit_batches, "world_size": world_size,
+        "batch_size": args.batch_size,
+    }  # fmt: skip
 
     train_set, held_out = load_digits(seed=args.seed)
     model, trainable = build_model(args.norm, device, args.seed, distributed)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum)
     sampler = DistributedSampler(train_set, world_size, rank, shuffle=True, seed=args.seed, drop_last=True)
     images, labels = (t.to(device) for t in train_set.tensors)
-    epoch_loss = EpochLoss(device, distributed)
+    epoch_loss = EpochLoss(device, distributed, world_size)
 
     # Rank 0 reads the checkpoint; every rank gets the same one (no shared filesystem needed).
     found = load_newest_checkpoint(out) if rank == 0 else None
@@ -315,7 +329,7 @@ def train(args: argparse.Namespace) -> bool:
         return distributed
     epoch, batches_done, step, history = 0, 0, 0, []
     if state is not None:
-        mismatch = {k: (state["config"][k], config[k]) for k in RESUME_KEYS if state["config"][k] != config[k]}
+        mismatch = {k: (state["config"].get(k), config[k]) for k in RESUME_KEYS if state["config"].get(k) != config[k]}
         if mismatch:
             raise SystemExit(f"{out} holds checkpoints of another run (saved, now): {mismatch}; use a new --out")
         model.load_state_dict(state["model"])
@@ -328,6 +342,12 @@ def train(args: argparse.Namespace) -> bool:
             print(f"{state['path']}: training is complete (step {step}); writing the final outputs again", flush=True)
         elif rank == 0:
             where = f"epoch {epoch + 1}, {batches_done} batches done, step {step}"
+            saved = state["config"]
+            if (saved.get("world_size"), saved.get("batch_size")) != (world_size, args.batch_size):
+                where += (
+                    f" (saved at {saved.get('world_size')} ranks x batch {saved.get('batch_size')}, now {world_size} x "
+                    f"{args.batch_size}: the same global batch of {config['global_batch_size']})"
+                )
             print(f"resuming from {state['path']}: {where}", flush=True)
 
     def checkpoint() -> None:

@@ -175,3 +175,47 @@ def test_accuracy_axes_have_fixed_limits_not_an_auto_zoom():
     assert accuracy_limits([0.95, 0.97]) == (0.8, 1.0)  # the same range for every trained run
     assert accuracy_limits([0.83, 0.97]) == (0.7, 1.0)
     assert accuracy_limits([0.1, 0.5]) == (0.0, 1.0)
+
+
+def run_at(out: Path, nproc: int, batch_size: int, epochs: int) -> str:
+    """``launch/torchrun_local.sh NPROC train_digits.py`` with the given split of a global batch of 8."""
+    flags = ["--epochs", str(epochs), "--limit-batches", "6", "--batch-size", str(batch_size), "--device", "cpu",
+             "--no-progress", "--out", str(out)]  # fmt: skip
+    returncode, output = run_command(["bash", str(LOCAL), str(nproc), str(TRAIN), *flags], timeout=COMMAND_TIMEOUT)
+    assert returncode == 0, output[-5000:]
+    return output
+
+
+def final_weights(out: Path) -> dict[str, torch.Tensor]:
+    return torch.load(out / "final_model.pt", weights_only=True)
+
+
+@pytest.mark.timeout(900)
+def test_a_run_resumes_on_another_number_of_ranks_with_the_same_global_batch(tmp_path):
+    # Epoch 1 on 2 ranks x batch 4, epoch 2 resumed on 4 ranks x batch 2: the same global batch of 8.
+    run_at(tmp_path / "moved", 2, 4, 1)
+    resumed = run_at(tmp_path / "moved", 4, 2, 2)
+    assert "(saved at 2 ranks x batch 4, now 4 x 2: the same global batch of 8)" in resumed
+    assert resumed_from(resumed) == [("ckpt-00000006.pt", "epoch 2, 0 batches done, step 6")]
+    run_at(tmp_path / "two", 2, 4, 2)
+    run_at(tmp_path / "four", 4, 2, 2)
+    moved, two, four = (final_weights(tmp_path / name) for name in ("moved", "two", "four"))
+    # float32: the W = 2 and W = 4 sums differ only in the order of their additions
+    for reference in (two, four):
+        for key, value in reference.items():
+            torch.testing.assert_close(moved[key], value, rtol=1e-4, atol=1e-5)
+    # A run on another global batch (2 x 2) trains otherwise: the comparison above can fail.
+    run_at(tmp_path / "other", 2, 2, 2)
+    other = final_weights(tmp_path / "other")
+    assert max((other[k].float() - two[k].float()).abs().max().item() for k in two) > 1e-2
+
+
+def test_a_checkpoint_of_another_global_batch_is_refused(tmp_path):
+    run_at(tmp_path / "run", 2, 4, 1)
+    returncode, output = run_command(
+        ["bash", str(LOCAL), "2", str(TRAIN), "--epochs", "2", "--limit-batches", "6", "--batch-size", "2",
+         "--device", "cpu", "--no-progress", "--out", str(tmp_path / "run")],
+        timeout=COMMAND_TIMEOUT,
+    )  # fmt: skip
+    assert returncode != 0
+    assert "holds checkpoints of another run" in output and "'global_batch_size': (8, 4)" in output
