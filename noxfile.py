@@ -8,8 +8,10 @@
   torchvision's wheels import only with their matching CUDA build of torch, which is why the
   model-zoo tests live here and skip in the pinned suite.
 * ``oldest``: the oldest torch ``pyproject.toml`` admits (``torch>=2.5``): the core tests.
-* ``wheel``: syncnorm built as a wheel and installed as users get it (not editable): the core
-  tests, the runner and the doctor against that install.
+* ``wheel``: syncnorm built as a wheel and installed as users get it (not editable): every unit
+  and distributed test against that install.
+
+The sessions choose their tests by marker (``tests/conftest.py``), not by file.
 """
 
 from __future__ import annotations
@@ -22,12 +24,6 @@ nox.options.sessions = ["tests", "models", "oldest", "wheel"]
 nox.options.reuse_existing_virtualenvs = True
 
 TEST_TOOLS = ["pytest>=8", "pytest-xdist>=3.5", "pytest-timeout>=2.3"]
-CORE_TESTS = [
-    "tests/test_core.py",
-    "tests/test_convert.py",
-    "tests/test_ddp.py",
-    "tests/test_precision_and_copies.py",
-]
 NEWEST = {"torch": "2.14.1", "torchvision": "0.29.1"}
 OLDEST_TORCH = "2.5.1"
 
@@ -49,10 +45,7 @@ def models(session: nox.Session) -> None:
         "-c",
         "import torch, torchvision, timm; print(torch.__version__, torchvision.__version__, timm.__version__)",
     )
-    session.run(
-        "python", "-m", "pytest", "-n", "auto", *CORE_TESTS, "tests/test_models.py", "tests/test_fake_cuda.py",
-        "tests/test_doctor.py", *session.posargs,
-    )  # fmt: skip
+    session.run("python", "-m", "pytest", "-n", "auto", "-m", "core or models or fake_cuda", *session.posargs)
 
 
 @nox.session
@@ -61,10 +54,7 @@ def oldest(session: nox.Session) -> None:
     session.install(f"torch=={OLDEST_TORCH}", "numpy", *TEST_TOOLS)
     session.install("--no-deps", "-e", ".")
     session.run("python", "-c", "import torch; print(torch.__version__)")
-    session.run(
-        "python", "-m", "pytest", "-n", "auto", *CORE_TESTS, "tests/test_variants.py", "tests/test_sharded.py",
-        *session.posargs,
-    )  # fmt: skip
+    session.run("python", "-m", "pytest", "-n", "auto", "-m", "core", *session.posargs)
 
 
 @nox.session
@@ -80,7 +70,4 @@ def wheel(session: nox.Session) -> None:
     ).strip()
     if "site-packages" not in location:
         session.error(f"syncnorm imported from {location}, not from the installed wheel")
-    session.run(
-        "python", "-m", "pytest", "-n", "auto", *CORE_TESTS, "tests/test_harness.py", "tests/test_doctor.py",
-        *session.posargs,
-    )  # fmt: skip
+    session.run("python", "-m", "pytest", "-n", "auto", "-m", "not integration", *session.posargs)

@@ -14,7 +14,7 @@ read the ratios, not the absolute times.
 
     python benchmarks/bench_norm.py --quick          # representative subset (default)
     python benchmarks/bench_norm.py --full           # every shape, more repetitions
-    python benchmarks/bench_norm.py --quick --tiny   # seconds; what tests/test_benchmarks.py runs
+    python benchmarks/bench_norm.py --quick --tiny   # seconds; what tests/integration/test_benchmarks.py runs
 """
 
 from __future__ import annotations

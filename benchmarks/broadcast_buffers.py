@@ -1,11 +1,11 @@
 """What ``DistributedDataParallel(broadcast_buffers=False)`` saves per step when BatchNorm is syncnorm's.
 
 With syncnorm every rank updates its running statistics from the same all-reduced
-sums, so the buffers are already identical (tests/test_ddp.py proves it bitwise)
+sums, so the buffers are already identical (tests/distributed/test_ddp.py proves it bitwise)
 and DDP's default broadcast of all buffers from rank 0 before each forward is
 redundant. This script measures that broadcast's share of a training step.
 
-Setup: W=2 gloo ranks on CPU (tests/harness.py), a small ResNet-style conv net
+Setup: W=2 gloo ranks on CPU (tests/helpers/harness.py), a small ResNet-style conv net
 with several BatchNorm layers converted to syncnorm, one thread per rank. Two
 DDP copies of the same model, one with the broadcast (torch's default) and one
 without, take turns step by step (the order alternating every pair) so that load

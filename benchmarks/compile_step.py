@@ -1,6 +1,6 @@
 """Graph breaks and step time under torch.compile: syncnorm vs torch.nn.SyncBatchNorm.
 
-Two gloo ranks on CPU (tests/harness.py starts them). For each normalisation layer the
+Two gloo ranks on CPU (tests/helpers/harness.py starts them). For each normalisation layer the
 same small conv net is explained with ``torch._dynamo.explain`` (graph and break counts),
 then, where it runs, one training step is timed eager and compiled, interleaved, medians.
 torch.nn.SyncBatchNorm refuses CPU input in training, so only its graph breaks are

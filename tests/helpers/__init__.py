@@ -1,0 +1,1 @@
+"""What the tests share: the subprocess runner, data splits, the fake-CUDA checker."""

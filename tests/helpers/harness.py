@@ -1,0 +1,96 @@
+"""One multi-process harness for every multi-rank test.
+
+``run_ranks(fn, world_size, *args)`` is :func:`syncnorm.testing.run_ranks`, the public gloo
+world runner: ``world_size`` processes in a real gloo process group, ``fn(rank, world_size,
+*args)`` on each, the per-rank results back, deliberate teardown and a hard timeout.
+
+``run_command(cmd, timeout=...)`` runs a whole job (torchrun, a Lightning or
+framework launcher) as a subprocess with ``launcher_free_env()``; on a timeout it
+kills the job's whole process tree, workers in sessions of their own included
+(torchrun starts each worker in a new session, so killing the launcher's process
+group leaves them running and holding the output pipe), and fails the test with
+the output so far.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch._dynamo  # noqa: F401  (DDP and FSDP import it lazily: ~7 s in every forked rank otherwise)
+
+from syncnorm import testing
+from syncnorm.testing import RankError, RanksHung, free_port, kill_tree, recorded_all_reduces  # noqa: F401
+
+
+def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, **kwargs: Any) -> list[Any]:
+    """:func:`syncnorm.testing.run_ranks`, with this module preloaded where ranks start from a forkserver."""
+    kwargs.setdefault("preload", ("torch._dynamo", "helpers.harness"))
+    return testing.run_ranks(fn, world_size, *args, **kwargs)
+
+
+def shard(global_batch: torch.Tensor, rank: int, sizes: list[int]) -> torch.Tensor:
+    """This rank's slice of a global batch split into consecutive pieces of the given sizes."""
+    start = sum(sizes[:rank])
+    return global_batch[start : start + sizes[rank]]
+
+
+def sgd_on_shards(model: torch.nn.Module, batches, rank: int = 0, world_size: int = 1, lr: float = 0.1) -> None:
+    """SGD (momentum 0.9) on an MSE loss, this rank training on its even share of every global batch.
+
+    With ``world_size=1`` it is the single-process reference on the global batches."""
+    optimiser = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    for inputs, targets in batches:
+        sizes = [inputs.shape[0] // world_size] * world_size
+        optimiser.zero_grad()
+        torch.nn.functional.mse_loss(model(shard(inputs, rank, sizes)), shard(targets, rank, sizes)).backward()
+        optimiser.step()
+
+
+# --- whole jobs as subprocesses ---------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[2]
+# Launchers (torchrun, Lightning, Accelerate, Ray, SLURM) read these to detect an outer job; a job
+# started by a test must not inherit them from a test run that is itself launched.
+LAUNCHER_ENV_PREFIXES = ("SLURM_", "TORCHELASTIC_", "ACCELERATE_", "SYNCNORM_")
+LAUNCHER_ENV = ("LOCAL_RANK", "RANK", "WORLD_SIZE", "NODE_RANK", "GROUP_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
+                "MASTER_PORT", "RAY_ADDRESS")  # fmt: skip
+
+
+def launcher_free_env(**extra: str) -> dict[str, str]:
+    """This environment without launcher variables, one thread per process; plus ``extra``.
+
+    ``PYTHON`` is this interpreter, the one the launch scripts in ``launch/`` then run; syncnorm
+    comes from its installed package, as for a user."""
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_ENV and not k.startswith(LAUNCHER_ENV_PREFIXES)}
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHON=sys.executable)
+    env.update(extra)
+    return env
+
+
+def run_command(
+    cmd: list[str], *, timeout: float, env: Optional[dict[str, str]] = None, cwd: Path = REPO
+) -> tuple[int, str]:
+    """Run ``cmd`` (stdout and stderr together); return ``(returncode, output)``.
+
+    On a timeout the whole process tree is killed and the test fails with the output's tail."""
+    proc = subprocess.Popen(
+        cmd, cwd=cwd, env=env or launcher_free_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_tree(proc.pid)
+        output, _ = proc.communicate()
+        import pytest  # here: the benchmarks import this module without pytest installed
+
+        pytest.fail(
+            f"did not finish in {timeout:.0f} s (process tree killed): {' '.join(map(str, cmd))}\n{output[-5000:]}"
+        )
+    return proc.returncode, output
