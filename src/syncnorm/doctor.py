@@ -7,7 +7,8 @@ Run it the way training runs, under torchrun, on every node::
 Every rank reports its torch and syncnorm versions, backend, world size and the settings that
 change how synchronisation behaves (``SYNCNORM_CHECK``, syncnorm's wait-warning threshold, NCCL's
 blocking wait and async error handling, the process group's timeout). A rank that differs from
-rank 0 fails the check, named. Then it times syncnorm's all_reduce for every payload the model's
+rank 0 fails the check, named. Then it measures the bandwidth of one large all_reduce, and times
+syncnorm's all_reduce for every payload the model's
 BatchNorm layers send (forward ``2C + 3`` and backward ``2C + 2`` float64 values), over the
 whole world and within each node (``LOCAL_WORLD_SIZE`` consecutive ranks, what
 ``syncnorm.new_sync_groups(LOCAL_WORLD_SIZE)`` would synchronise over), and prints the cost per
@@ -128,8 +129,13 @@ def measure(layers: list[tuple[str, int]], device: torch.device, repeats: int, l
     def per_step(times: dict[int, float]) -> float:
         return sum(times[2 * c + 3] + times[2 * c + 2] for _, c in layers)
 
+    # Bandwidth, from one large all_reduce: what a ring all_reduce moves per rank over its time.
+    large = 1 << 20  # float64 values: 8 MiB
+    large_seconds = time_all_reduce(large, None, device, max(2, repeats // 5))
+    bandwidth = 2 * (world_size - 1) / world_size * large * 8 / large_seconds if world_size > 1 else 0.0
     return {
         "payload_sizes": sizes,
+        "bandwidth_bytes_per_s": bandwidth,
         "world_seconds_by_size": world,
         "local_seconds_by_size": local,
         "step_seconds_world": per_step(world),
@@ -197,6 +203,10 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append("ok: every rank agrees on versions, backend, world size and settings")
     cost = report.get("cost")
     if cost is not None:
+        lines.append(
+            f"bandwidth over the world: {cost['bandwidth_bytes_per_s'] / 1e6:.0f} MB/s per rank "
+            "(ring all_reduce of 8 MiB)"
+        )
         lines.append(f"model {report['model']}: {report['layers']} BatchNorm layers")
         lines.append(f"{'payload (float64 values)':>26} {'world ms':>10} {'node ms':>9}")
         for size in cost["payload_sizes"]:

@@ -62,6 +62,7 @@ def test_the_doctor_on_two_ranks_times_the_models_payloads_and_prints_json(tmp_p
     assert report["cost"]["payload_sizes"] == [34, 35, 130, 131]
     assert all(seconds > 0 for seconds in report["cost"]["world_seconds_by_size"].values())
     assert report["cost"]["step_seconds_world"] > 0 and report["advice"]
+    assert report["cost"]["bandwidth_bytes_per_s"] > 0
 
 
 @pytest.mark.timeout(TIMEOUT + 60)
@@ -72,6 +73,7 @@ def test_the_doctor_on_three_ranks_reports_in_words_and_times_node_groups(tmp_pa
     assert "syncnorm doctor: 3 ranks, backend gloo" in stdout
     assert "ok: every rank agrees on versions, backend, world size and settings" in stdout
     assert "costs about" in stdout and "per training step on this world of 3" in stdout
+    assert "bandwidth over the world:" in stdout
 
 
 @pytest.mark.timeout(TIMEOUT + 60)
