@@ -79,18 +79,27 @@ def run_command(
     """Run ``cmd`` (stdout and stderr together); return ``(returncode, output)``.
 
     On a timeout the whole process tree is killed and the test fails with the output's tail."""
+    returncode, output, _ = run_split(cmd, timeout=timeout, env=env, cwd=cwd, merged=True)
+    return returncode, output
+
+
+def run_split(
+    cmd: list[str], *, timeout: float, env: Optional[dict[str, str]] = None, cwd: Path = REPO, merged: bool = False
+) -> tuple[int, str, str]:
+    """:func:`run_command` with stdout and stderr apart: ``(returncode, stdout, stderr)``."""
     proc = subprocess.Popen(
-        cmd, cwd=cwd, env=env or launcher_free_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        start_new_session=True,
+        [str(part) for part in cmd], cwd=cwd, env=env or launcher_free_env(), stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT if merged else subprocess.PIPE, text=True, start_new_session=True,
     )  # fmt: skip
     try:
-        output, _ = proc.communicate(timeout=timeout)
+        stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         kill_tree(proc.pid)
-        output, _ = proc.communicate()
-        import pytest  # here: the benchmarks import this module without pytest installed
+        stdout, stderr = proc.communicate()
+        import pytest  # here, not at the top: only a timed-out test needs it
 
         pytest.fail(
-            f"did not finish in {timeout:.0f} s (process tree killed): {' '.join(map(str, cmd))}\n{output[-5000:]}"
+            f"did not finish in {timeout:.0f} s (process tree killed): {' '.join(map(str, cmd))}\n"
+            f"{stdout[-5000:]}\n{(stderr or '')[-3000:]}"
         )
-    return proc.returncode, output
+    return proc.returncode, stdout, stderr or ""

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from helpers.harness import free_port, kill_tree, launcher_free_env
+from helpers.harness import free_port, launcher_free_env, run_split
 
 TIMEOUT = 240
 MODELS = """
@@ -37,17 +36,7 @@ def torchrun(tmp_path: Path, nproc: int, *args: str) -> tuple[int, str, str]:
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
                str(free_port()), *args]  # fmt: skip
     # The user's own model module is found on PYTHONPATH, as the doctor's --model expects.
-    proc = subprocess.Popen(
-        command, cwd=tmp_path, env=launcher_free_env(PYTHONPATH=str(tmp_path)), stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True, start_new_session=True,
-    )  # fmt: skip
-    try:
-        stdout, stderr = proc.communicate(timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
-        kill_tree(proc.pid)
-        stdout, stderr = proc.communicate()
-        pytest.fail(f"timed out: {command}\n{stdout[-3000:]}\n{stderr[-3000:]}")
-    return proc.returncode, stdout, stderr
+    return run_split(command, timeout=TIMEOUT, env=launcher_free_env(PYTHONPATH=str(tmp_path)), cwd=tmp_path)
 
 
 @pytest.mark.timeout(TIMEOUT + 60)
