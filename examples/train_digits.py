@@ -54,7 +54,7 @@ CKPT_FORMAT = 1
 # Settings that must match for a checkpoint to be resumable: they fix the data order and the math.
 # The global batch, not its split over ranks: with synchronised statistics a run is the same at
 # 4 ranks x batch 2 as at 2 x 4 (the sampler deals the same global batches), so it resumes on
-# another number of ranks.
+# another number of ranks. Per-rank BatchNorm (--norm local) depends on the split: see run_keys.
 RESUME_KEYS = ("norm", "global_batch_size", "seed", "lr", "momentum", "limit_batches")
 OUTPUTS = ("metrics.json", "metrics.png", "final_model.pt")
 DEFAULTS = {"batch_size": 16, "lr": 0.05, "device": "auto", "out": Path("runs/digits")}
@@ -220,8 +220,21 @@ def load_newest_checkpoint(out: Path) -> Optional[dict]:
     return None
 
 
+def run_keys(config: dict) -> tuple[str, ...]:
+    """What identifies a run: the global batch; for per-rank BatchNorm (``--norm local``) its split too."""
+    return RESUME_KEYS + (("world_size", "batch_size") if config["norm"] == "local" else ())
+
+
+def saved_config(saved: dict) -> dict:
+    """A checkpoint's config, with the global batch derived for checkpoints written before it was stored."""
+    if "global_batch_size" not in saved and "world_size" in saved and "batch_size" in saved:
+        saved = {**saved, "global_batch_size": saved["world_size"] * saved["batch_size"]}
+    return saved
+
+
 def same_run(saved: dict, config: dict) -> bool:
-    return all(saved.get(key) == config[key] for key in RESUME_KEYS)
+    saved = saved_config(saved)
+    return all(saved.get(key) == config[key] for key in run_keys(config))
 
 
 def finished_run_message(out: Path, state: Optional[dict], config: dict, args: argparse.Namespace) -> Optional[str]:
@@ -329,7 +342,8 @@ def train(args: argparse.Namespace) -> bool:
         return distributed
     epoch, batches_done, step, history = 0, 0, 0, []
     if state is not None:
-        mismatch = {k: (state["config"].get(k), config[k]) for k in RESUME_KEYS if state["config"].get(k) != config[k]}
+        saved = saved_config(state["config"])
+        mismatch = {k: (saved.get(k), config[k]) for k in run_keys(config) if saved.get(k) != config[k]}
         if mismatch:
             raise SystemExit(f"{out} holds checkpoints of another run (saved, now): {mismatch}; use a new --out")
         model.load_state_dict(state["model"])

@@ -28,10 +28,20 @@ class AccumulationWindow:
             layer._open_window()
 
     def close(self) -> None:
-        """Move the running statistics once, by everything pooled since the window opened. Idempotent."""
+        """Move the running statistics once, by everything pooled since the window opened. Idempotent.
+
+        Every layer's window is closed even if one of them fails to move its statistics; the first
+        error is raised afterwards.
+        """
         layers, self.layers = self.layers, []
+        failure = None
         for layer in layers:
-            layer._close_window()
+            try:
+                layer._close_window()
+            except BaseException as error:  # close the others first
+                failure = failure or error
+        if failure is not None:
+            raise failure
 
     def __enter__(self) -> AccumulationWindow:
         return self
@@ -57,7 +67,8 @@ def accumulate(model: nn.Module) -> AccumulationWindow:
     What it changes, for every syncnorm layer of ``model`` that keeps running statistics:
 
     * Each micro-batch is still normalised with its own statistics, global over the ranks, as
-      without the window: the output and the gradients do not change.
+      without the window: the output and the gradients do not change (on a single process, where
+      a layer otherwise runs ``F.batch_norm``, they agree to float rounding).
     * The running statistics move once, when the window closes, by the count-weighted pool of
       all its micro-batches: ``running_mean`` and ``running_var`` end as one training forward
       on all of the window's samples (every rank's, every micro-batch's) would leave them.
@@ -66,7 +77,8 @@ def accumulate(model: nn.Module) -> AccumulationWindow:
     * A window that ends early (the last, partial window of an epoch) pools the micro-batches
       it holds. ``model.eval()`` inside a window moves the statistics by what the window holds
       so far first (evaluation sees them); training after it pools afresh.
-    * A micro-batch whose forward raised is not pooled.
+    * A layer whose own forward raised does not pool that micro-batch (layers before it in the
+      model did, as they would have moved their running statistics without a window).
 
     Works with DDP (``no_sync`` included), FSDP2 and ``torch.compile``. Layers without running
     statistics, and layers that are not syncnorm's (a plain ``nn.BatchNorm2d``), are not touched.

@@ -288,7 +288,9 @@ def all_reduce(
     wait = _waits_for_release(tensor)
     baseline = tensor._use_count() if wait else 0
     recording = profiler._active
-    begun = recording._begin(tensor) if recording is not None and not torch.compiler.is_compiling() else None
+    if recording is not None and torch.compiler.is_compiling():
+        recording = None
+    begun = recording._begin(tensor) if recording is not None else None
     try:
         if torch.compiler.is_compiling():
             dist.all_reduce(tensor, op=op, group=group)
@@ -318,7 +320,7 @@ def all_reduce(
         ) from err
     if wait:
         _wait_until_released(tensor, baseline)
-    if begun is not None:
+    if recording is not None:
         recording._end(begun, tensor, group, layer, what)
     return tensor
 

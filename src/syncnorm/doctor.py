@@ -175,7 +175,20 @@ def run(options: argparse.Namespace) -> dict[str, Any]:
     dist.all_gather_object(all_facts, facts)
     report: dict[str, Any] = {"facts": all_facts, "problems": disagreements(all_facts), "layers": 0, "cost": None}
     if options.model and not report["problems"]:
-        layers = payload_sizes(load_model(options.model))
+        # Every rank builds the model and says whether it could, before any timing collective:
+        # a package missing on one node must be a finding, not a hang of the others.
+        try:
+            layers, failure = payload_sizes(load_model(options.model)), None
+        except (Exception, SystemExit) as error:
+            layers, failure = [], f"{type(error).__name__}: {error}"
+        failures: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(failures, failure)
+        report["problems"] += [
+            f"--model {options.model} could not be built on rank {rank}: {text}"
+            for rank, text in enumerate(failures)
+            if text is not None
+        ]
+    if options.model and not report["problems"]:
         report["layers"] = len(layers)
         report["model"] = options.model
         device = (

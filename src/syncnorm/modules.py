@@ -50,7 +50,8 @@ class SyncLayer:
     process_group: collectives.SyncGroup
     layer_name: str
     check: Optional[bool]
-    # How an accumulation window pools this layer's statistics, and whether it counts a step.
+    # How an accumulation window pools this layer's statistics (second moments, or the statistic
+    # itself), and the least pooled count that still moves the running statistics.
     _pools_moments = True
     _pool_min_count = 2
 
@@ -74,15 +75,20 @@ class SyncLayer:
         if not self._tracking():
             return None
         pool = self._pool()
-        return (self.running_mean, self.running_var) if pool is None else pool
+        if pool is None:
+            return self.running_mean, self.running_var
+        # Activation checkpointing re-runs the forward in backward: the window already has it.
+        return pooling.ALREADY_POOLED if recomputing_in_backward() else pool
 
     def _open_window(self) -> None:
         if self._tracking() and self._pool() is None:
             self.__dict__[_POOL] = pooling.StatisticsPool(moments=self._pools_moments)
 
     def _close_window(self) -> None:
-        self._flush_window()
-        self.__dict__.pop(_POOL, None)
+        try:
+            self._flush_window()
+        finally:
+            self.__dict__.pop(_POOL, None)
 
     def _flush_window(self) -> None:
         """Move the running statistics by what the window pooled: one step, as one forward on all of it."""

@@ -209,8 +209,12 @@ def check_activation(activation: str, activation_param: float, layer: str) -> No
 def _gamma_beta(weight: Optional[Tensor], bias: Optional[Tensor], eps: float, like: Tensor) -> tuple[Tensor, Tensor]:
     """gamma' (|gamma| floored at eps, sign kept, +eps for 0) and beta, in the statistics' dtype."""
     gamma = torch.ones_like(like) if weight is None else core.cast(weight, like.dtype)
-    # where(gamma < 0, ...) rather than copysign, which ONNX has no operator for.
-    gamma = torch.where(gamma.abs() < eps, torch.where(gamma < 0, -eps, eps).to(gamma.dtype), gamma)
+    # where(gamma < 0, ...) rather than copysign, which ONNX has no operator for. The floor passes
+    # the gradient straight through to gamma (as the eager backward does), also where autograd
+    # differentiates this code (traced eval graphs).
+    floor = torch.full_like(gamma, eps)
+    floored = torch.where(gamma.abs() < eps, torch.where(gamma < 0, -floor, floor), gamma)
+    gamma = gamma + (floored - gamma).detach()
     beta = torch.zeros_like(like) if bias is None else core.cast(bias, like.dtype)
     return gamma, beta
 

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from . import core
 
-__all__ = ["StatisticsPool", "record_step"]
+__all__ = ["ALREADY_POOLED", "StatisticsPool", "record_step"]
 
 
 class StatisticsPool:
@@ -56,6 +56,19 @@ class StatisticsPool:
             unbiased=self.moments,
         )  # fmt: skip
 
+
+class _AlreadyPooled(StatisticsPool):
+    """The target of a forward that activation checkpointing re-runs in backward: pools nothing.
+
+    A pool still, so the recomputation takes the same path (and saves the same tensors) as the
+    forward it repeats; the window already holds that forward's statistics.
+    """
+
+    def add(self, mean: Tensor, var: Tensor, count: Tensor) -> None:
+        pass
+
+
+ALREADY_POOLED = _AlreadyPooled(moments=True)
 
 Running = Union[tuple[Tensor, Tensor], StatisticsPool]
 

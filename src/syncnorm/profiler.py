@@ -16,6 +16,7 @@ import torch
 __all__ = ["LayerCost", "Profile", "profile"]
 
 _active: Optional[Profile] = None
+_EVENTS_KEPT = 256  # per layer and pass, before the finished ones are added up
 
 
 @dataclass
@@ -37,6 +38,16 @@ class LayerCost:
             self.seconds += start.elapsed_time(end) / 1000.0
         self._events.clear()
 
+    def _fold_finished(self) -> None:
+        """Add up the events the GPU has passed already (no waiting), so a long profile keeps few."""
+        pending = []
+        for start, end in self._events:
+            if end.query():
+                self.seconds += start.elapsed_time(end) / 1000.0
+            else:
+                pending.append((start, end))
+        self._events = pending
+
 
 class Profile:
     """The collectives of one ``with syncnorm.profile()`` block, on this rank.
@@ -45,7 +56,9 @@ class Profile:
     waiting for the slowest rank included. On CUDA they come from CUDA events around the
     collective on the current stream (no host sync while training; the events are read when the
     profile is). ``payload_bytes`` is what each rank hands to the all_reduce; a ring all_reduce
-    sends ``2 (W - 1) / W`` times that per rank.
+    sends ``2 (W - 1) / W`` times that per rank. A collective recorded while a CUDA graph is being
+    captured counts as a call without a time, and a graph's replays make no Python call, so the
+    profile does not see them.
     """
 
     def __init__(self) -> None:
@@ -59,6 +72,8 @@ class Profile:
 
     def _begin(self, tensor: torch.Tensor) -> Any:
         if tensor.is_cuda:
+            if torch.cuda.is_current_stream_capturing():
+                return None  # events inside a CUDA-graph capture cannot be read; not recorded
             self._cuda = True
             start = torch.cuda.Event(enable_timing=True)
             start.record()
@@ -72,12 +87,16 @@ class Profile:
         cost.calls += 1
         cost.payload_bytes += tensor.numel() * tensor.element_size()
         self.world_size = max(self.world_size, group.size())
+        if begun is None:
+            return
         if isinstance(begun, float):
             cost.seconds += time.perf_counter() - begun
         else:
             end = torch.cuda.Event(enable_timing=True)
             end.record()
             cost._events.append((begun, end))
+            if len(cost._events) >= _EVENTS_KEPT:
+                cost._fold_finished()
 
     # --- reading --------------------------------------------------------------------------------
 

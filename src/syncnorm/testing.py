@@ -87,8 +87,15 @@ def _rank_main(fn, rank, world_size, args, folder, pg_timeout_s, threads, seed):
     except BaseException as err:  # report everything, SystemExit from the function included
         outcome = RankError(type(err).__name__, str(err), traceback.format_exc())
         code = 1
+    try:
+        data = pickle.dumps(outcome)
+    except Exception as err:  # a result that does not pickle is this rank's error, reported as such
+        data = pickle.dumps(
+            RankError(type(err).__name__, f"the result of type {type(outcome).__name__} does not pickle: {err}", "")
+        )
+        code = 1
     with open(result_path + ".tmp", "wb") as handle:
-        pickle.dump(outcome, handle)
+        handle.write(data)
     os.replace(result_path + ".tmp", result_path)
     if code == 0:
         try:

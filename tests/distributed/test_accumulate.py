@@ -288,3 +288,20 @@ def test_the_lightning_callback_moves_the_statistics_once_per_optimizer_step_par
     torch.testing.assert_close(module.norm.running_mean, reference.running_mean)
     torch.testing.assert_close(module.norm.running_var, reference.running_var)
     assert module.norm.num_batches_tracked.item() == 3
+
+
+def test_activation_checkpointing_inside_a_window_pools_each_micro_batch_once():
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    norm = syncnorm.SyncBatchNorm(3, momentum=0.5).double()
+    reference = nn.BatchNorm1d(3, momentum=0.5).double()
+    micro_batches = [torch.randn(n, 3, dtype=torch.float64, requires_grad=True) for n in (4, 6)]
+    with syncnorm.accumulate(norm):
+        for x in micro_batches:
+            # The backward re-runs the forward: the window must not pool that second run.
+            checkpoint(norm, x, use_reentrant=False).square().sum().backward()
+    reference(torch.cat([x.detach() for x in micro_batches]))
+    torch.testing.assert_close(norm.running_mean, reference.running_mean, **TOL)
+    torch.testing.assert_close(norm.running_var, reference.running_var, **TOL)
+    assert norm.num_batches_tracked.item() == 1
