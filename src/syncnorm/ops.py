@@ -240,10 +240,7 @@ def inplace_abn_forward(
         torch.mul(input, scale, out=out).add_(shift)
     else:
         torch.addcmul(shift, input, scale, out=out)
-    if activation == "leaky_relu":
-        F.leaky_relu_(out, activation_param)
-    elif activation == "elu":
-        F.elu_(out, activation_param)
+    _activate(out, activation, activation_param, inplace=True)
     return mean, var, count, host_count
 
 
@@ -261,11 +258,16 @@ def inplace_abn_eval(
         output = input * scale + shift
     else:
         output = torch.addcmul(shift, input, scale).to(input.dtype)
+    return _activate(output, activation, activation_param, inplace=False)
+
+
+def _activate(x: Tensor, activation: str, activation_param: float, *, inplace: bool) -> Tensor:
+    """InPlace-ABN's activation of ``x`` (``"identity"`` returns it as it is)."""
     if activation == "leaky_relu":
-        return F.leaky_relu(output, activation_param)
+        return F.leaky_relu(x, activation_param, inplace=inplace)
     if activation == "elu":
-        return F.elu(output, activation_param)
-    return output
+        return F.elu(x, activation_param, inplace=inplace)
+    return x
 
 
 def _scale_shift(input: Tensor, weight, bias, mean: Tensor, var: Tensor, eps: float) -> tuple[Tensor, Tensor]:

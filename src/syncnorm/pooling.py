@@ -75,12 +75,18 @@ Running = Union[tuple[Tensor, Tensor], StatisticsPool]
 
 def record_step(
     running: Optional[Running], mean: Tensor, var: Tensor, count: Tensor, momentum: core.Momentum,
-    host_count: Optional[float] = None,
+    host_count: Optional[float] = None, *, min_count: int = 2, unbiased: bool = True,
 ) -> None:  # fmt: skip
-    """After a successful training forward: update the running statistics, or pool the batch's."""
+    """After a successful training forward: update the running statistics, or pool the batch's.
+
+    ``min_count`` and ``unbiased`` go to :func:`syncnorm.core.update_running_stats`; a pool applies
+    its own when it is flushed.
+    """
     if running is None:
         return
     if isinstance(running, StatisticsPool):
         running.add(mean, var, count)
     else:
-        core.update_running_stats(*running, mean, var, count, momentum, host_count)
+        core.update_running_stats(
+            *running, mean, var, count, momentum, host_count, min_count=min_count, unbiased=unbiased
+        )

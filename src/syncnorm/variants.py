@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.instancenorm import _InstanceNorm
 
-from . import collectives, core, guard
+from . import collectives, core, guard, pooling
 from .functional import batch_norm_eval
 from .modules import SyncBatchNorm, SyncLayer, recomputing_in_backward
 
@@ -225,13 +225,9 @@ class _SyncInstanceNorm(SyncLayer, _InstanceNorm):
                     input=input, kind=guard.KIND_RUNNING_STATS,
                 )  # fmt: skip
             count, mean, var, host_count = core.reduced_means(payload, group, self.layer_name, what)
-            pool = self._pool()
-            if pool is not None:
-                pool.add(mean, var, count)
-                return
-            core.update_running_stats(
-                self.running_mean, self.running_var, mean, var, count, self.momentum, host_count,
-                min_count=1, unbiased=False,
+            pooling.record_step(
+                self._running_target(), mean, var, count, self.momentum, host_count, min_count=self._pool_min_count,
+                unbiased=self._pools_moments,
             )  # fmt: skip
 
     def _window_momentum(self) -> core.Momentum:
