@@ -1,6 +1,8 @@
-"""Building blocks of the benchmark suite: the compared variants, the timing loop, memory probes, plots.
+"""Building blocks of the benchmark suite: the compared variants, the end-to-end model, plots.
 
-The variants and the timing loop run inside rank processes started by
+How they are timed is in ``measure.py``.
+
+The variants run inside rank processes started by
 ``syncnorm.testing.run_ranks`` (a real gloo group). The comparison variants are written
 here, not imported:
 
@@ -15,27 +17,16 @@ here, not imported:
 
 from __future__ import annotations
 
-import gc
-import os
-import platform
-import random
 import textwrap
-import time
 from collections.abc import Callable
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from measure import median, paired
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
-
-import syncnorm
-
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-# The BatchNorm input shapes of ResNet-50, per sample (C, H, W).
-RESNET50_SHAPES = ((64, 112, 112), (256, 56, 56), (512, 28, 28), (1024, 14, 14), (2048, 7, 7))
 
 # ---------------------------------------------------------------------------------------------
 # comparison variants
@@ -141,69 +132,7 @@ def convert_to_naive(module: nn.Module) -> nn.Module:
 
 
 # ---------------------------------------------------------------------------------------------
-# timing and memory
-
-
-def time_interleaved(
-    steps: dict[str, Callable[[], None]],
-    reps: int,
-    warmup: int,
-    barrier: Callable[[], None],
-    synchronize: Callable[[], None] = lambda: None,
-) -> dict[str, list[float]]:
-    """Seconds per call of each step, interleaved: for each repetition, every step once.
-
-    Each repetition runs the steps in a fresh random order (the same on every rank,
-    from a fixed seed): a fixed or merely rotated order makes one step always follow
-    the same neighbour, and what that neighbour leaves behind (caches, freed memory
-    the allocator hands back to the OS) then biases it; measured here as an 8%
-    penalty for the step that always ran right after the naive implementation.
-    Every rank meets at a barrier before each timed call, so all ranks time the same
-    collective; the barrier itself is outside the timed region.
-    """
-    names = list(steps)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    order = random.Random(0)
-    gc.collect()
-    gc.disable()
-    try:
-        for rep in range(warmup + reps):
-            for name in order.sample(names, len(names)):
-                barrier()
-                start = time.perf_counter()
-                steps[name]()
-                synchronize()
-                elapsed = time.perf_counter() - start
-                if rep >= warmup:
-                    times[name].append(elapsed)
-    finally:
-        gc.enable()
-    return times
-
-
-def saved_tensor_bytes(module: nn.Module, input: Tensor) -> dict[str, int]:
-    """Bytes of the distinct storages autograd saves for backward during one forward.
-
-    ``all``: every distinct storage (deduplicated by data pointer), the input and the
-    module's own parameters and buffers included; ``new``: only the storages the
-    forward allocated (not the input, not the module's state), i.e. what saving adds.
-    """
-    storages: dict[int, int] = {}
-
-    def pack(tensor: Tensor) -> Tensor:
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() != 0:
-            storages[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        output = module(input)
-    del output
-    existing = {t.untyped_storage().data_ptr() for t in [input, *module.parameters(), *module.buffers()]}
-    return {
-        "all": sum(storages.values()),
-        "new": sum(nbytes for pointer, nbytes in storages.items() if pointer not in existing),
-    }
+# one training-mode call
 
 
 def fwd_bwd(module: nn.Module, input: Tensor, grad_output: Tensor) -> Callable[[], None]:
@@ -259,57 +188,7 @@ class TinyResNet(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# reporting helpers
-
-
-def paired_ratio(numerator: list[float], denominator: list[float]) -> float:
-    """Median over repetitions of numerator / denominator timed in the same repetition.
-
-    Pairing by repetition cancels load that drifts over the run (other processes on
-    a shared machine), which a ratio of two overall medians would not.
-    """
-    return median([a / b for a, b in zip(numerator, denominator)])
-
-
-def median(values: list[float]) -> float:
-    ordered = sorted(values)
-    middle = len(ordered) // 2
-    return ordered[middle] if len(ordered) % 2 else 0.5 * (ordered[middle - 1] + ordered[middle])
-
-
-def _git_revision() -> str:
-    """The checkout's commit, with "+dirty" when syncnorm/ has uncommitted changes."""
-    import subprocess
-
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
-
-    try:
-        commit = git("rev-parse", "--short", "HEAD")
-        return (commit + "+dirty" if git("status", "--porcelain", "--", "syncnorm") else commit) or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def machine_description() -> dict:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return {
-        "syncnorm_commit": _git_revision(),
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "syncnorm": getattr(syncnorm, "__version__", "?"),
-        "load_average_1min": round(os.getloadavg()[0], 2),
-    }
+# plots
 
 
 def pyplot():
@@ -329,12 +208,6 @@ VARIANT_NOTES = {
     "sync floor": "sync floor: nn.BatchNorm + syncnorm's two all_reduces (the least a synchronised layer pays)",
     "naive": "naive: detectron2's NaiveSyncBatchNorm algorithm",
 }
-
-
-def _ratio_spread(numerator: list[float], denominator: list[float]) -> tuple[float, float, float]:
-    """Median and quartiles of the per-repetition ratios."""
-    ratios = sorted(a / b for a, b in zip(numerator, denominator))
-    return median(ratios), ratios[len(ratios) // 4], ratios[(3 * len(ratios)) // 4]
 
 
 def _setting(meta: dict | None) -> str:
@@ -363,7 +236,9 @@ def plot_micro_ratios(micro: list[dict], baseline: str, path: str, meta: dict | 
         width = 0.7 / len(names)
         for index, name in enumerate(names):
             spreads = [
-                _ratio_spread(e["times_ms"][name], e["times_ms"][baseline]) for e in entries if name in e["times_ms"]
+                tuple(paired(e["times_ms"][name], e["times_ms"][baseline]).values())
+                for e in entries
+                if name in e["times_ms"]
             ]
             positions = [i + (index - (len(names) - 1) / 2) * width for i in range(len(spreads))]
             mid = [m for m, _, _ in spreads]
@@ -398,7 +273,7 @@ def plot_step_ratios(e2e: dict, baseline: str, path: str, meta: dict | None = No
     """Each variant's training-step time over ``baseline``: median and quartiles, with the absolute medians."""
     plt = pyplot()
     names = list(e2e["times_ms"])
-    spreads = [_ratio_spread(e2e["times_ms"][name], e2e["times_ms"][baseline]) for name in names]
+    spreads = [tuple(paired(e2e["times_ms"][name], e2e["times_ms"][baseline]).values()) for name in names]
     figure, axis = plt.subplots(figsize=(6.4, 3.8))
     for index, (name, (mid, lo, hi)) in enumerate(zip(names, spreads)):
         axis.bar(index, mid, 0.6, color=VARIANT_COLOURS.get(name, "tab:purple"))
@@ -415,9 +290,3 @@ def plot_step_ratios(e2e: dict, baseline: str, path: str, meta: dict | None = No
     figure.tight_layout(rect=(0, 0.04, 1, 1))
     figure.savefig(path, dpi=100)
     plt.close(figure)
-
-
-def shard(global_batch: torch.Tensor, rank: int, sizes: list[int]) -> torch.Tensor:
-    """This rank's slice of a global batch split into consecutive pieces of the given sizes."""
-    start = sum(sizes[:rank])
-    return global_batch[start : start + sizes[rank]]

@@ -13,11 +13,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 
 import torch
 import torch.distributed as dist
-from _bench_common import RESNET50_SHAPES
+from measure import RESNET50_SHAPES, DeviceClock, median, time_interleaved
 from torch import nn
 from torch.testing._internal.distributed.fake_pg import FakeStore
 
@@ -27,17 +26,8 @@ SHAPES = [(32, *shape) for shape in RESNET50_SHAPES] + [(8, 256, 56, 56), (256, 
 
 
 def _time(fn, reps: int = 30) -> float:
-    for _ in range(5):
-        fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    """Median milliseconds of one call, from CUDA events."""
+    return 1e3 * median(time_interleaved({"call": fn}, reps, warmup=5, clock=DeviceClock("cuda")).device["call"])
 
 
 def _layers(channels: int, ndim: int) -> dict[str, nn.Module]:

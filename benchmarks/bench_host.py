@@ -10,8 +10,8 @@ that row is the synchronised path's own cost next to nn.BatchNorm's kernels.
     python benchmarks/bench_host.py [--device cpu|cuda] [--json out.json]
 
 One thread. Each repetition times a block of calls of nn.BatchNorm and of each other
-layer back to back (the order alternating), and the ratio is the median over
-repetitions of the per-pair ratios: timing each layer in a block of its own drifts
+layer, interleaved (``measure.time_interleaved``), and the ratio is the median over
+repetitions of the per-repetition ratios: timing each layer in a block of its own drifts
 2x on a shared machine. Reports per shape: microseconds per fwd+bwd (median), the
 median per-pair ratio to nn.BatchNorm, and the aten ops per pass counted with a
 ``TorchDispatchMode`` (what the layer asks the dispatcher for, forward / backward;
@@ -23,13 +23,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
-import statistics
-import subprocess
-import time
 
 import torch
 import torch.distributed as dist
+from measure import DeviceClock, median, paired, syncnorm_commit, time_interleaved
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -59,20 +56,6 @@ def _layer(kind: str, channels: int, ndim: int, device: str) -> nn.Module:
     return nn.SyncBatchNorm(channels).to(device)
 
 
-def _syncnorm_commit() -> str:
-    """The commit of the syncnorm that was imported (its checkout's HEAD, "+dirty" if changed)."""
-    where = os.path.dirname(os.path.abspath(syncnorm.__file__))
-
-    def run(*args: str) -> str:
-        return subprocess.run(["git", "-C", where, *args], capture_output=True, text=True).stdout.strip()
-
-    try:
-        commit = run("rev-parse", "--short", "HEAD") or "unknown"
-        return commit + ("+dirty" if run("status", "--porcelain", "--", ".") else "")
-    except OSError:
-        return "unknown"
-
-
 def _count_ops(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> tuple[int, int]:
     forward, backward = _CountOps(), _CountOps()
     with forward:
@@ -99,34 +82,29 @@ def measure(device: str, shapes, repeats: int, inner_ops: int, with_profiler: bo
             ops[kind] = _count_ops(layer, x, grad)
         # Enough calls per block that a block takes ~inner_ops x a tiny layer's time.
         inner = max(1, inner_ops // max(1, x.numel() // 4096))
-        times: dict[str, list[float]] = {kind: [] for kind in kinds}
-        ratios: dict[str, list[float]] = {kind: [] for kind in kinds}
-        for repetition in range(repeats):
-            order = kinds if repetition % 2 == 0 else kinds[::-1]
-            block = {}
-            for kind in order:
-                layer = layers[kind]
-                if device == "cuda":
-                    torch.cuda.synchronize()
-                with syncnorm.profile() if kind == PROFILING else contextlib.nullcontext():
-                    start = time.perf_counter()
+
+        def block(kind: str):
+            layer, context = layers[kind], syncnorm.profile if kind == PROFILING else contextlib.nullcontext
+
+            def run() -> None:
+                with context():
                     for _ in range(inner):
                         layer(x).backward(grad)
-                    # Host time: what the CPU spent issuing the work (no synchronise inside).
-                    block[kind] = (time.perf_counter() - start) / inner * 1e6
-                if device == "cuda":
-                    torch.cuda.synchronize()
-            for kind in kinds:
-                times[kind].append(block[kind])
-                ratios[kind].append(block[kind] / block["nn.BatchNorm"])
+
+            return run
+
+        timed = time_interleaved({kind: block(kind) for kind in kinds}, repeats, clock=DeviceClock(device))
+        # Host time: what the CPU spent issuing the work (no synchronise inside a block).
+        times = {kind: [seconds / inner * 1e6 for seconds in timed.host[kind]] for kind in kinds}
         for kind in kinds:
+            ratio = paired(times[kind], times["nn.BatchNorm"])
             rows.append(
                 {
                     "shape": list(shape),
                     "layer": kind,
-                    "host_us": round(statistics.median(times[kind]), 1),
-                    "ratio_to_batchnorm": round(statistics.median(ratios[kind]), 3),
-                    "ratio_quartiles": [round(q, 3) for q in statistics.quantiles(ratios[kind], n=4)[::2]],
+                    "host_us": round(median(times[kind]), 1),
+                    "ratio_to_batchnorm": round(ratio["median"], 3),
+                    "ratio_quartiles": [round(ratio["q1"], 3), round(ratio["q3"], 3)],
                     "aten_ops_forward": ops[kind][0],
                     "aten_ops_backward": ops[kind][1],
                 }
@@ -151,7 +129,7 @@ def main() -> None:
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=FAKE_WORLD)
     shapes = TINY_SHAPES + MEDIUM_SHAPES + (RESNET50_LAYER_SHAPES if options.large else ())
     rows = measure(options.device, shapes, options.repeats, options.inner, options.profiler)
-    commit = _syncnorm_commit()
+    commit = syncnorm_commit()
     print(
         f"host time per fwd+bwd, W={FAKE_WORLD} (fake group), {options.device}, torch {torch.__version__}, "
         f"syncnorm {commit}"

@@ -7,7 +7,7 @@ Compared, each as the norm + activation of a block (conv 3x3 without bias, then 
 * ``InPlaceABN``: ``syncnorm.InPlaceABN`` (out of place) and ``InPlaceABN inplace`` (``inplace=True``).
 
 Memory: the bytes of the distinct storages autograd saves during one training forward
-(``_bench_common.saved_tensor_bytes``: a ``saved_tensors_hooks`` counter, each storage once, the
+(``measure.saved_tensor_bytes``: a ``saved_tensors_hooks`` counter, each storage once, the
 input and the modules' parameters included), at W = 2 so that the synchronised paths run, for
 one norm + act pair (its input a conv output), one conv + norm + act block, and a stack of blocks.
 Target: the stack's InPlaceABN bytes at most 0.6x those of BN + act.
@@ -31,7 +31,7 @@ import time
 
 import torch
 import torch.distributed as dist
-from _bench_common import machine_description, median, paired_ratio, saved_tensor_bytes, time_interleaved
+from measure import machine_description, median, paired_ratio, saved_tensor_bytes, time_interleaved
 from torch import nn
 
 import syncnorm
@@ -104,7 +104,7 @@ def _rank(rank, world, shape, blocks, reps, warmup, measure_memory) -> dict | No
 
     result = {"world": world}
     for what, modules in (("pair", pairs), ("stack", stacks)):
-        times = time_interleaved({n: step(m) for n, m in modules.items()}, reps, warmup, dist.barrier)
+        times = time_interleaved({n: step(m) for n, m in modules.items()}, reps, warmup, barrier=dist.barrier).device
         result[what] = {name: [t * 1e3 for t in values] for name, values in times.items()}
     if measure_memory:
         result["memory"] = _memory(shape, blocks)

@@ -34,19 +34,23 @@ import comm_model
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from _baseline_checks import check_baselines
 from _bench_common import (
-    RESNET50_SHAPES,
     NaiveSyncBatchNorm,
     SyncFloor,
     TinyResNet,
     convert_to_naive,
     fwd_bwd,
-    machine_description,
-    median,
-    paired_ratio,
     plain_batchnorm,
     plot_micro_ratios,
     plot_step_ratios,
+)
+from measure import (
+    RESNET50_SHAPES,
+    DeviceClock,
+    machine_description,
+    median,
+    paired_ratio,
     saved_tensor_bytes,
     time_interleaved,
 )
@@ -95,10 +99,6 @@ def _device(rank: int, kind: str) -> torch.device:
     return torch.device(kind, rank % torch.cuda.device_count()) if kind == "cuda" else torch.device("cpu")
 
 
-def _synchronizer(device: torch.device):
-    return (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-
-
 def _variants(case: Case, payloads: dict, device: torch.device) -> dict[str, nn.Module]:
     channels, ndim = case.shape[1], len(case.shape)
     floor_payloads = {which: calls[0] for which, calls in payloads[channels].items()}
@@ -127,7 +127,7 @@ def _micro_rank(rank, world, cases, payloads, reps, small_factor, warmup, device
         modules = _variants(case, payloads, device)
         steps = {name: fwd_bwd(module, x, grad_output) for name, module in modules.items()}
         case_reps = reps * small_factor if x.numel() <= SMALL_LAYER_NUMEL else reps
-        times = time_interleaved(steps, case_reps, warmup, dist.barrier, _synchronizer(device))
+        times = time_interleaved(steps, case_reps, warmup, barrier=dist.barrier, clock=DeviceClock(device)).device
         entry = {"world": world, "case": case.label, "times_ms": {k: [t * 1e3 for t in v] for k, v in times.items()}}
         if measure_memory:
             entry["input_bytes"] = x.numel() * x.element_size()
@@ -171,9 +171,8 @@ def _e2e_rank(rank, world, widths, batch, image, reps, warmup, device_kind) -> d
 
         return step
 
-    times = time_interleaved(
-        {name: train_step(name) for name in ddp}, reps, warmup, dist.barrier, _synchronizer(device)
-    )
+    steps = {name: train_step(name) for name in ddp}
+    times = time_interleaved(steps, reps, warmup, barrier=dist.barrier, clock=DeviceClock(device)).device
     return {"world": world, "times_ms": {k: [t * 1e3 for t in v] for k, v in times.items()}} if rank == 0 else None
 
 
@@ -384,7 +383,8 @@ def main(argv=None) -> None:
     generous = 600 + 60 * args.reps * args.small_reps_factor * len(cases)
     run = {"timeout": generous, "pg_timeout": 600, "threads": args.threads}
     # syncnorm's real all_reduce payloads, measured once: the sync floor and the comm model use them.
-    payloads = comm_model.syncnorm_payloads([case.shape[1] for case in cases] + comm_model.MODEL_CHANNEL_SET)
+    payloads = comm_model.syncnorm_payloads([6] + [case.shape[1] for case in cases] + comm_model.MODEL_CHANNEL_SET)
+    print(check_baselines(payloads[6]), flush=True)
     micro: list[dict] = []
     if "micro" not in skip:
         memory_world = next((w for w in worlds if w > 1), None)

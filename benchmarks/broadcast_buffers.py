@@ -5,12 +5,12 @@ sums, so the buffers are already identical (tests/distributed/test_ddp.py proves
 and DDP's default broadcast of all buffers from rank 0 before each forward is
 redundant. This script measures that broadcast's share of a training step.
 
-Setup: W=2 gloo ranks on CPU (tests/helpers/harness.py), a small ResNet-style conv net
+Setup: W=2 gloo ranks on CPU (``syncnorm.testing.run_ranks``), a small ResNet-style conv net
 with several BatchNorm layers converted to syncnorm, one thread per rank. Two
 DDP copies of the same model, one with the broadcast (torch's default) and one
-without, take turns step by step (the order alternating every pair) so that load
-from other processes hits both alike; each step starts after a barrier and counts
-as long as its slower rank. The table shows medians and quartiles, plus the
+without, take turns step by step (``measure.time_interleaved``) so that load from other
+processes hits both alike; each step starts after a barrier and counts as long as its
+slower rank. The table shows medians and quartiles, plus the
 broadcast alone (DDP's own buffer-broadcast helper, timed by itself).
 
 On torch >= 2.13 the flag is ``forward_sync_buffers`` (``broadcast_buffers`` is
@@ -26,17 +26,17 @@ import argparse
 import copy
 import inspect
 import statistics
-import time
 
 import torch
 import torch._dynamo  # noqa: E402, F401  (DDP imports it lazily; load it once before the ranks fork)
 import torch.distributed as dist
 import torch.nn.functional as F
+from measure import time_interleaved
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-import syncnorm  # noqa: E402
-from syncnorm.testing import run_ranks  # noqa: E402
+import syncnorm
+from syncnorm.testing import run_ranks
 
 
 class ResidualBlock(nn.Module):
@@ -82,31 +82,24 @@ def _rank(rank, world_size, options):
     inputs = torch.randn(options.batch, 3, options.size, options.size, generator=generator)
     labels = torch.randint(0, 10, (options.batch,), generator=generator)
 
-    def step(flag: bool) -> float:
+    def step(flag: bool):
         model, optimiser = variants[flag], optimisers[flag]
-        dist.barrier()  # start both ranks together so neither times the other's lag
-        start = time.perf_counter()
-        optimiser.zero_grad(set_to_none=True)
-        F.cross_entropy(model(inputs), labels).backward()
-        optimiser.step()
-        return time.perf_counter() - start
 
-    def broadcast_alone() -> float:
+        def run() -> None:
+            optimiser.zero_grad(set_to_none=True)
+            F.cross_entropy(model(inputs), labels).backward()
+            optimiser.step()
+
+        return run
+
+    steps = {
+        True: step(True),
+        False: step(False),
         # What DDP runs before each forward when the flag is on (its private helper, timed alone).
-        dist.barrier()
-        start = time.perf_counter()
-        variants[True]._default_broadcast_coalesced()
-        return time.perf_counter() - start
-
-    for _ in range(options.warmup):
-        for flag in (True, False):
-            step(flag)
-    timings: dict = {True: [], False: [], "broadcast": []}
-    for pair in range(options.pairs):
-        # One step of each setting back to back, the order alternating, so load hits both alike.
-        for flag in (True, False) if pair % 2 == 0 else (False, True):
-            timings[flag].append(step(flag))
-        timings["broadcast"].append(broadcast_alone())
+        "broadcast": variants[True]._default_broadcast_coalesced,
+    }
+    # A barrier before each timed call starts both ranks together, so neither times the other's lag.
+    timings = time_interleaved(steps, options.pairs, options.warmup, barrier=dist.barrier).device
     buffers = list(base.buffers())
     return {
         "timings": timings,

@@ -1,6 +1,6 @@
 """Graph breaks and step time under torch.compile: syncnorm vs torch.nn.SyncBatchNorm.
 
-Two gloo ranks on CPU (tests/helpers/harness.py starts them). For each normalisation layer the
+Two gloo ranks on CPU (``syncnorm.testing.run_ranks`` starts them). For each normalisation layer the
 same small conv net is explained with ``torch._dynamo.explain`` (graph and break counts),
 then, where it runs, one training step is timed eager and compiled, interleaved, medians.
 torch.nn.SyncBatchNorm refuses CPU input in training, so only its graph breaks are
@@ -12,15 +12,15 @@ reported, from a trace that stops at that error if it must.
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import torch
 import torch._dynamo
+from measure import median, time_interleaved
 from torch import nn
 
-import syncnorm  # noqa: E402
-from syncnorm.testing import run_ranks  # noqa: E402
+import syncnorm
+from syncnorm.testing import run_ranks
 
 
 def _net() -> nn.Module:
@@ -55,16 +55,17 @@ def _rank_job(rank: int, world: int, steps: int) -> dict:
     start = time.perf_counter()
     models["compiled"](x).sum().backward()  # compile once, outside the timing
     report["compile_s"] = time.perf_counter() - start
-    times: dict[str, list[float]] = {"eager": [], "compiled": []}
-    for step in range(steps + 3):
-        for name in ("eager", "compiled") if step % 2 else ("compiled", "eager"):
-            start = time.perf_counter()
+
+    def train_step(name: str):
+        def run() -> None:
             optimisers[name].zero_grad()
             models[name](x).sum().backward()
             optimisers[name].step()
-            if step >= 3:
-                times[name].append(time.perf_counter() - start)
-    report.update({f"{name}_ms": 1e3 * statistics.median(t) for name, t in times.items()})
+
+        return run
+
+    times = time_interleaved({name: train_step(name) for name in models}, steps, warmup=3).device
+    report.update({f"{name}_ms": 1e3 * median(t) for name, t in times.items()})
     return report
 
 

@@ -1,8 +1,8 @@
 """What the guard (SYNCNORM_CHECK) costs per SyncBatchNorm call, on W gloo ranks.
 
 For each shape it times a training forward+backward and an eval forward of one
-layer with the guard off and on, interleaved call by call (``time_interleaved``:
-the order alternates and all ranks meet at a barrier before each timed call), and
+layer with the guard off and on, interleaved call by call (``measure.time_interleaved``:
+a fresh order each repetition, all ranks meeting at a barrier before each timed call), and
 prints the medians as a markdown table. The guard adds one fixed-size all_reduce
 per synchronised pass, so it should cost about one small collective's latency per
 pass: two per training step, one per eval forward (which otherwise sends nothing).
@@ -17,7 +17,7 @@ import argparse
 
 import torch
 import torch.distributed as dist
-from _bench_common import machine_description, median, time_interleaved
+from measure import machine_description, median, time_interleaved
 
 import syncnorm
 from syncnorm.testing import run_ranks
@@ -57,7 +57,7 @@ def _measure(rank: int, world: int, shapes, reps: int, warmup: int) -> dict:
     steps = {("guard all_reduce alone", "-", None): lambda: dist.all_reduce(payload, op=dist.ReduceOp.MAX)}
     for shape in shapes:
         steps.update(_layer_steps(shape))
-    times = time_interleaved(steps, reps, warmup, barrier=dist.barrier)
+    times = time_interleaved(steps, reps, warmup, barrier=dist.barrier).device
     return {key: median(values) * 1e3 for key, values in times.items()}
 
 

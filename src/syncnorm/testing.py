@@ -1,7 +1,8 @@
 """Run a function on N gloo ranks on this machine: for testing a model with syncnorm in CI.
 
-Also here: :func:`recorded_all_reduces` (what collectives a step makes), :func:`kill_tree` (end a
-launched job with every worker it started) and :func:`free_port`.
+Also here: :func:`shard` (a rank's part of a global batch), :func:`recorded_all_reduces` (what
+collectives a step makes), :func:`kill_tree` (end a launched job with every worker it started)
+and :func:`free_port`.
 
 ``run_ranks(fn, world_size, *args)`` starts ``world_size`` processes, joins them into a real
 gloo process group on CPU, runs ``fn(rank, world_size, *args)`` on each and returns the
@@ -52,7 +53,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["RankError", "RanksHung", "free_port", "kill_tree", "recorded_all_reduces", "run_ranks"]
+__all__ = ["RankError", "RanksHung", "free_port", "kill_tree", "recorded_all_reduces", "run_ranks", "shard"]
 
 
 @dataclass
@@ -173,6 +174,19 @@ def run_ranks(
         if failures:
             raise AssertionError("\n".join(failures))
     return results
+
+
+def shard(global_batch: torch.Tensor, rank: int, sizes: Sequence[int]) -> torch.Tensor:
+    """Rank ``rank``'s part of ``global_batch`` split along dim 0 into consecutive pieces of ``sizes``.
+
+    With exact synchronisation, the ranks' outputs concatenated in rank order equal one process's
+    output on ``global_batch``: the reference a distributed test compares against. ``sizes`` may
+    be uneven and may hold zeros (an empty rank).
+    """
+    if rank >= len(sizes) or sum(sizes[: rank + 1]) > global_batch.shape[0]:
+        raise ValueError(f"sizes {list(sizes)} hold no part for rank {rank} of a batch of {global_batch.shape[0]}")
+    start = sum(sizes[:rank])
+    return global_batch[start : start + sizes[rank]]
 
 
 @contextlib.contextmanager

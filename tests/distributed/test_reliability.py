@@ -376,9 +376,9 @@ def test_non_finite_guard_tells_an_overflowing_sum_from_bad_input():
 
 @pytest.mark.slow
 def test_soak_script_smoke(tmp_path):
-    """A few steps of benchmarks/soak.py: runs end to end and finds the statistics identical on every rank."""
+    """A few steps of tools/soak.py: runs end to end and finds the statistics identical on every rank."""
     completed = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "soak.py"), "--steps", "20", "--every", "10"],
+        [sys.executable, str(ROOT / "tools" / "soak.py"), "--steps", "20", "--every", "10"],
         capture_output=True,
         text=True,
         timeout=240,

@@ -25,19 +25,13 @@ import torch
 import torch._dynamo  # noqa: F401  (DDP and FSDP import it lazily: ~7 s in every forked rank otherwise)
 
 from syncnorm import testing
-from syncnorm.testing import RankError, RanksHung, free_port, kill_tree, recorded_all_reduces  # noqa: F401
+from syncnorm.testing import RankError, RanksHung, free_port, kill_tree, recorded_all_reduces, shard  # noqa: F401
 
 
 def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, **kwargs: Any) -> list[Any]:
     """:func:`syncnorm.testing.run_ranks`, with this module preloaded where ranks start from a forkserver."""
     kwargs.setdefault("preload", ("torch._dynamo", "helpers.harness"))
     return testing.run_ranks(fn, world_size, *args, **kwargs)
-
-
-def shard(global_batch: torch.Tensor, rank: int, sizes: list[int]) -> torch.Tensor:
-    """This rank's slice of a global batch split into consecutive pieces of the given sizes."""
-    start = sum(sizes[:rank])
-    return global_batch[start : start + sizes[rank]]
 
 
 def sgd_on_shards(model: torch.nn.Module, batches, rank: int = 0, world_size: int = 1, lr: float = 0.1) -> None:

@@ -1,7 +1,7 @@
 """What a new user meets first: clean exits, the guard under DDP's defaults, messages that point somewhere.
 
 Multi-rank cases run real gloo ranks (tests/helpers/harness.py); the exit checks run real torchrun and
-Lightning jobs (benchmarks/exit_repeat.py, a few repeats here; the benchmark itself runs 20+).
+Lightning jobs (tools/exit_repeat.py, a few repeats here; the benchmark itself runs 20+).
 References are independent of the code under test: nn.BatchNorm1d on the global batch, and
 plain ``dist.all_reduce`` for what the backend does on its own.
 """
@@ -93,7 +93,7 @@ def test_cpu_collectives_return_after_gloo_let_go_of_the_tensor():
 
 
 def _exit_counts(jobs: str, repeats: int) -> dict[str, tuple[int, int]]:
-    command = [sys.executable, str(ROOT / "benchmarks" / "exit_repeat.py"), "--jobs", jobs, "--repeats", str(repeats)]
+    command = [sys.executable, str(ROOT / "tools" / "exit_repeat.py"), "--jobs", jobs, "--repeats", str(repeats)]
     completed = subprocess.run(command, capture_output=True, text=True, timeout=280, cwd=ROOT)
     found = {
         job: (int(failed), int(total))

@@ -25,6 +25,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from syncnorm.lightning import SyncNormCallback, SyncNormPlugin
+from syncnorm.testing import shard
 
 TRAIN_SHARDS = (5, 3)  # unequal, so per-rank and global statistics differ in mean and variance
 EVAL_SHARD = 3
@@ -43,11 +44,6 @@ def make_data() -> dict[str, torch.Tensor]:
         "eval_y": torch.randint(0, CLASSES, (2 * EVAL_SHARD,), generator=gen),
         "probe_x": torch.randn(4, CHANNELS, SIZE, SIZE, generator=gen, dtype=torch.float64) * 2.0,
     }
-
-
-def shard(tensor: torch.Tensor, rank: int, sizes: tuple[int, ...]) -> torch.Tensor:
-    start = sum(sizes[:rank])
-    return tensor[start : start + sizes[rank]]
 
 
 class TinyNet(pl.LightningModule):

@@ -1,4 +1,4 @@
-"""Section a of ``gpu_check.py``: correctness on 2 and 4 real gloo ranks sharing the device, against
+"""Section a of ``tools/gpu_check``: correctness on 2 and 4 real gloo ranks sharing the device, against
 float64 nn.BatchNorm on the global batch: output, input and parameter gradients, running
 statistics, eval output, and the strides of the output and input gradient as the op returns them.
 """
@@ -14,16 +14,16 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
-from _bench_common import shard
-from _gpu_check_parts import layout_problems, track_error
-from _gpu_check_report import check
 from torch import Tensor, nn
 
 import syncnorm
-from syncnorm.testing import RankError, run_ranks
+from syncnorm.testing import RankError, run_ranks, shard
+
+from .parts import layout_problems, track_error
+from .report import check
 
 if TYPE_CHECKING:
-    from _gpu_check_run import Run
+    from .run import Run
 
 # ---------------------------------------------------------------------------------------------
 # correctness on real gloo ranks, against float64 nn.BatchNorm on the global batch

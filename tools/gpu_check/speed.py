@@ -1,4 +1,4 @@
-"""Sections d1, d2 and e of ``gpu_check.py``: per-layer speed and bandwidth, ResNet-50 step time,
+"""Sections d1, d2 and e of ``tools/gpu_check``: per-layer speed and bandwidth, ResNet-50 step time,
 InPlaceABN activation memory. Each returns its result with ``checks`` (see ``_gpu_check_run``)."""
 
 from __future__ import annotations
@@ -6,15 +6,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import _gpu_check_models as models
-import _gpu_check_parts as parts
 import torch
-from _bench_common import saved_tensor_bytes
-from _gpu_check_report import check
-from _gpu_check_run import Run
 from torch import nn
 
 import syncnorm
+from benchmarks.measure import DeviceClock, median, paired, saved_tensor_bytes, time_interleaved
+
+from . import models, parts
+from .report import check
+from .run import Run
 
 TIMING_NOTE = (
     "per call, median over interleaved repetitions; the device is synchronised before each repetition's start "
@@ -29,7 +29,7 @@ TIMING_NOTE = (
 def section_layer_speed(run: Run) -> dict:
     impls = ["nn.BatchNorm", "syncnorm"] + (["torch.nn.SyncBatchNorm"] if run.cuda else [])
     result: dict[str, Any] = {"impls": impls, "rows": [], "standin_check": {}, "timing": TIMING_NOTE}
-    batch, clock = run.sizes["batch"], parts.DeviceClock(run.device)
+    batch, clock = run.sizes["batch"], DeviceClock(run.device)
 
     def layers(channels: int) -> dict[str, nn.Module]:
         made = {"nn.BatchNorm": nn.BatchNorm2d(channels), "syncnorm": syncnorm.SyncBatchNorm(channels)}
@@ -102,26 +102,30 @@ def _bandwidth(rows: list[dict], cuda: bool) -> dict:
     )
 
 
-def _layer_row(run: Run, clock: parts.DeviceClock, layers: Callable[[int], dict], impls: list[str], batch: int,
+def _milliseconds(seconds: dict[str, list[float]]) -> dict[str, list[float]]:
+    return {name: [1e3 * value for value in values] for name, values in seconds.items()}
+
+
+def _layer_row(run: Run, clock: DeviceClock, layers: Callable[[int], dict], impls: list[str], batch: int,
                dtype: torch.dtype, layout: torch.memory_format, shape: tuple[int, ...]) -> dict:  # fmt: skip
     x = torch.randn(batch, *shape, device=run.device, dtype=dtype).contiguous(memory_format=layout).requires_grad_()
     dy = torch.randn_like(x)
     fns: dict[str, Callable[[], Any]] = {"copy": lambda: x.detach().clone()}
     fns.update({name: parts.layer_fwd_bwd(layer, x, dy) for name, layer in layers(shape[0]).items()})
-    timed = parts.time_interleaved(fns, clock, run.sizes["layer_reps"], run.sizes["layer_inner"], 3)
-    times = timed["ms"]
+    timed = time_interleaved(fns, run.sizes["layer_reps"], 1, inner=run.sizes["layer_inner"], clock=clock)
+    times, host_ms = _milliseconds(timed.device), _milliseconds(timed.host)
     nbytes = x.numel() * x.element_size()
     row = {"dtype": str(dtype).replace("torch.", ""), "layout": "channels_last" if layout == torch.channels_last else "NCHW",
-           "shape": [batch, *shape], "numel": x.numel(), "ms": {n: parts.median(t) for n, t in times.items()},
-           "host_ms": {n: parts.median(t) for n, t in timed["host_ms"].items()},
-           "copy_GBps": 2 * nbytes / parts.median(times["copy"]) / 1e6, "ratios": {}, "bandwidth_vs_copy": {}}  # fmt: skip
+           "shape": [batch, *shape], "numel": x.numel(), "ms": {n: median(t) for n, t in times.items()},
+           "host_ms": {n: median(t) for n, t in host_ms.items()},
+           "copy_GBps": 2 * nbytes / median(times["copy"]) / 1e6, "ratios": {}, "bandwidth_vs_copy": {}}  # fmt: skip
     for name in impls:
         # fwd+bwd moves at least 8 x the tensor (fwd: read x twice, write y; bwd: read dy and
         # x twice, write dx); a copy moves 2 x: bandwidth fraction = 4 t_copy / t_layer.
-        row["bandwidth_vs_copy"][name] = 4 * parts.median([c / t for c, t in zip(times["copy"], times[name])])
-    row["ratios"]["syncnorm / nn.BatchNorm"] = parts.paired(times, "syncnorm", "nn.BatchNorm")
+        row["bandwidth_vs_copy"][name] = 4 * median([c / t for c, t in zip(times["copy"], times[name])])
+    row["ratios"]["syncnorm / nn.BatchNorm"] = paired(times["syncnorm"], times["nn.BatchNorm"])
     if "torch.nn.SyncBatchNorm" in times:
-        row["ratios"]["syncnorm / torch.nn.SyncBatchNorm"] = parts.paired(times, "syncnorm", "torch.nn.SyncBatchNorm")
+        row["ratios"]["syncnorm / torch.nn.SyncBatchNorm"] = paired(times["syncnorm"], times["torch.nn.SyncBatchNorm"])
     print(f"   {row['dtype']:8} {row['layout']:13} {tuple(row['shape'])}: "
           + "  ".join(f"{n} {ms:.3f} ms" for n, ms in row["ms"].items()), flush=True)  # fmt: skip
     return row
@@ -142,18 +146,18 @@ def section_step_speed(run: Run) -> dict:
         if run.cuda:
             graphed = models.ResNetStep(models.variant_model(base, "syncnorm"), run.device, batch, image)
             steps["syncnorm + CUDA graph"] = models.GraphedStep(graphed, [(graphed.x.clone(), graphed.y.clone())] * 3)
-        timed = parts.time_interleaved(
-            steps, parts.DeviceClock(run.device), run.sizes["step_reps"], run.sizes["step_inner"], 2
+        timed = time_interleaved(
+            steps, run.sizes["step_reps"], 1, inner=run.sizes["step_inner"], clock=DeviceClock(run.device)
         )
-    times = timed["ms"]
-    result["ms"] = {name: parts.median(t) for name, t in times.items()}
-    result["host_ms"] = {name: parts.median(t) for name, t in timed["host_ms"].items()}
+    times, host_ms = _milliseconds(timed.device), _milliseconds(timed.host)
+    result["ms"] = {name: median(t) for name, t in times.items()}
+    result["host_ms"] = {name: median(t) for name, t in host_ms.items()}
     result["ratios"] = {
-        f"{name} / nn.BatchNorm": parts.paired(times, name, "nn.BatchNorm") for name in times if name != "nn.BatchNorm"
+        f"{name} / nn.BatchNorm": paired(times[name], times["nn.BatchNorm"]) for name in times if name != "nn.BatchNorm"
     }
     if "torch.nn.SyncBatchNorm" in times:
-        result["ratios"]["syncnorm / torch.nn.SyncBatchNorm"] = parts.paired(
-            times, "syncnorm", "torch.nn.SyncBatchNorm"
+        result["ratios"]["syncnorm / torch.nn.SyncBatchNorm"] = paired(
+            times["syncnorm"], times["torch.nn.SyncBatchNorm"]
         )
 
     def ratio(key: str, limit: float, strict: bool) -> dict:

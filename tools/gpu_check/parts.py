@@ -1,4 +1,4 @@
-"""The pieces the sections of ``gpu_check.py`` share: stand-ins for W ranks, the error measure, the
+"""The pieces the sections of ``tools/gpu_check`` share: stand-ins for W ranks, the error measure, the
 layout check on what an op returns, the timer.
 
 Everything here runs on CUDA and on CPU tensors alike (``device`` is an argument), so that
@@ -9,11 +9,9 @@ Everything here runs on CUDA and on CPU tensors alike (``device`` is an argument
 from __future__ import annotations
 
 import contextlib
-import random
-import time
 from collections import Counter
 from collections.abc import Callable
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -236,90 +234,6 @@ def op_output_and_grads(
     params = [p for p in module.parameters() if p.requires_grad]
     grads = torch.autograd.grad(output, [input, *params], grad_output, allow_unused=True)
     return output, grads[0], tuple(grads[1:])
-
-
-# ---------------------------------------------------------------------------------------------
-# timing
-
-
-class HostEvent:
-    """The CPU stand-in for ``torch.cuda.Event``: the time at ``record()`` (CPU ops are synchronous)."""
-
-    def __init__(self) -> None:
-        self.at = 0.0
-
-    def record(self) -> None:
-        self.at = time.perf_counter()
-
-    def elapsed_time(self, end: HostEvent) -> float:
-        return (end.at - self.at) * 1e3
-
-
-class DeviceClock:
-    """What the timer needs of a device: synchronise it, and events that time its queue."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
-
-    def synchronize(self) -> None:
-        if self.cuda:
-            torch.cuda.synchronize()
-
-    def event(self) -> Any:
-        return torch.cuda.Event(enable_timing=True) if self.cuda else HostEvent()
-
-
-def time_interleaved(
-    fns: dict[str, Callable[[], Any]],
-    clock: DeviceClock,
-    reps: int,
-    inner: int,
-    warmup: int,
-    host_clock: Callable[[], float] = time.perf_counter,
-) -> dict[str, dict[str, list[float]]]:
-    """Milliseconds per call of each fn: every repetition runs each fn ``inner`` times, in a fresh order.
-
-    Returns ``{"ms": {name: [...]}, "host_ms": {name: [...]}}``, one value per repetition.
-    ``ms``: device time from a start to an end event around the ``inner`` calls. The device is
-    synchronised before each repetition's start event, so that the clock starts on an idle
-    queue: otherwise a host-bound variant queued behind a GPU-bound one would launch its calls
-    while the GPU still works through the other's backlog, and its own host cost would hide
-    there. Between the events nothing synchronises, so a host-bound variant's launch gaps show
-    in ``ms`` as they would in a training loop. ``host_ms``: ``host_clock`` around the launches
-    alone (no synchronisation inside), the host's own cost per call.
-    """
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    names, order = list(fns), random.Random(0)
-    marks: dict[str, list] = {name: [] for name in names}
-    host_ms: dict[str, list[float]] = {name: [] for name in names}
-    for _ in range(reps):
-        for name in order.sample(names, len(names)):
-            clock.synchronize()
-            start, end = clock.event(), clock.event()
-            start.record()
-            launched = host_clock()
-            for _ in range(inner):
-                fns[name]()
-            host_ms[name].append((host_clock() - launched) * 1e3 / inner)
-            end.record()
-            marks[name].append((start, end))
-    clock.synchronize()
-    return {"ms": {name: [s.elapsed_time(e) / inner for s, e in marks[name]] for name in names}, "host_ms": host_ms}
-
-
-def median(values: list[float]) -> float:
-    ordered = sorted(values)
-    mid = len(ordered) // 2
-    return ordered[mid] if len(ordered) % 2 else 0.5 * (ordered[mid - 1] + ordered[mid])
-
-
-def paired(times: dict[str, list[float]], numerator: str, denominator: str) -> dict:
-    """Median and quartiles of numerator / denominator over repetitions (paired: same repetition)."""
-    ratios = sorted(a / b for a, b in zip(times[numerator], times[denominator]))
-    quarter = max(0, len(ratios) // 4)
-    return {"median": median(ratios), "q1": ratios[quarter], "q3": ratios[len(ratios) - 1 - quarter]}
 
 
 def layer_fwd_bwd(layer: nn.Module, x: Tensor, dy: Tensor) -> Callable[[], None]:

@@ -11,7 +11,7 @@ Watches two things that short tests cannot see:
 Batches are uneven across ranks and change size from step to step; every check also runs
 one eval forward. Exits with status 1 if any check finds a difference.
 
-    python benchmarks/soak.py [--steps 2000] [--every 100] [--world-size 2] [--check] [--no-ddp]
+    python tools/soak.py [--steps 2000] [--every 100] [--world-size 2] [--check] [--no-ddp]
 """
 
 from __future__ import annotations

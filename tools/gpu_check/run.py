@@ -1,4 +1,4 @@
-"""The frame of a ``gpu_check.py`` run: its sections and budget, the clock, the report files, and
+"""The frame of a ``tools/gpu_check`` run: its sections and budget, the clock, the report files, and
 how a section's outcome becomes its status.
 
 A section is a function ``body(run) -> dict`` whose result holds ``checks``: name ->
@@ -22,10 +22,11 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-import _gpu_check_parts as parts
-import _gpu_check_report as report
 import torch
-from _bench_common import RESNET50_SHAPES, machine_description
+
+from benchmarks.measure import RESNET50_SHAPES, machine_description
+
+from . import parts, report
 
 # The budget, from the start of the process (imports included). Two runs and two machine starts
 # must fit in 15 minutes of device time, so one run may take at most MAX_RUN_S however it ends.

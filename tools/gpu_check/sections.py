@@ -1,4 +1,4 @@
-"""Sections b, c1 and c2 of ``gpu_check.py``: host syncs, CUDA graphs, compile. Each returns its result
+"""Sections b, c1 and c2 of ``tools/gpu_check``: host syncs, CUDA graphs, compile. Each returns its result
 with ``checks`` (see ``_gpu_check_run``)."""
 
 from __future__ import annotations
@@ -13,13 +13,13 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import _gpu_check_models as models
-import _gpu_check_parts as parts
 import torch
-from _gpu_check_report import all_of, check, cudagraphs_check
-from _gpu_check_run import Run
 
 import syncnorm
+
+from . import models, parts
+from .report import all_of, check, cudagraphs_check
+from .run import Run
 
 # ---------------------------------------------------------------------------------------------
 # b) host syncs

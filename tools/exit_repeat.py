@@ -19,7 +19,7 @@ Jobs (``--jobs``, comma separated):
 * ``torchrun-raw``: the same with a plain ``dist.all_reduce`` of a Python tensor instead of a
   syncnorm layer: torch and gloo alone, for comparison.
 
-    python benchmarks/exit_repeat.py [--repeats 20] [--jobs lightning-both,torchrun-step]
+    python tools/exit_repeat.py [--repeats 20] [--jobs lightning-both,torchrun-step]
                                      [--syncnorm-path DIR]
 
 ``--syncnorm-path`` imports syncnorm from another checkout (for example an export of an older

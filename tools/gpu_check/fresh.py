@@ -1,8 +1,8 @@
-"""The first syncnorm call of a process, made inside a CUDA graph capture (``gpu_check.py`` section c3).
+"""The first syncnorm call of a process, made inside a CUDA graph capture (``tools/gpu_check`` section c3).
 
-    python benchmarks/_gpu_check_fresh.py --device cuda --model probe --result OUT.json
+    python -m tools.gpu_check.fresh --device cuda --model probe --result OUT.json   # from the repo root
 
-``gpu_check.py`` starts this in a fresh interpreter per model. In its own process sections b and
+``tools/gpu_check`` starts this in a fresh interpreter per model. In its own process sections b and
 c1 run syncnorm eagerly before they capture anything, which fills its caches (the per-layer
 fingerprints, the backend test of the group): a problem with a first call inside a capture (a
 cached device tensor born in the graph's private pool, a host read while capturing) could not
@@ -29,8 +29,6 @@ import traceback
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Optional
 
-import _gpu_check_models as models
-import _gpu_check_parts as parts
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
@@ -38,9 +36,12 @@ from torch import Tensor, nn
 import syncnorm
 from syncnorm.modules import SyncLayer
 
-if TYPE_CHECKING:
-    from _gpu_check_run import Run
+from . import models, parts
 
+if TYPE_CHECKING:
+    from .run import Run
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MODELS = ("probe", "resnet50")
 WORLD = 8
 DESCRIPTION = (
@@ -180,7 +181,7 @@ def first_call_check(results: dict[str, dict], cuda: bool, main_pid: int) -> dic
 
 
 def start_fresh_graph_case(run: Run) -> Callable[[Run], dict]:
-    """Start one fresh interpreter per model (``_gpu_check_fresh.py``); returns the function that joins them.
+    """Start one fresh interpreter per model (``fresh.py``); returns the function that joins them.
 
     In this process sections b and c1 fill syncnorm's caches before any capture, so a first call
     inside a capture is only seen in a process where nothing of syncnorm has run yet.
@@ -191,7 +192,7 @@ def start_fresh_graph_case(run: Run) -> Callable[[Run], dict]:
         log_path = os.path.join(run.args.out, f"fresh_{model}.log")
         # the child's own last resort: budget + grace, should this process die without ending it
         timeout_s = max(10.0, run.left_s() + run.args.grace_s)
-        command = [sys.executable, os.path.abspath(__file__), "--device", run.device.type, "--model", model,
+        command = [sys.executable, "-m", "tools.gpu_check.fresh", "--device", run.device.type, "--model", model,
                    "--batch", str(run.sizes["batch"]), "--image", str(run.sizes["image"]),
                    "--steps", str(run.sizes["graph_steps"]), "--timeout-s", f"{timeout_s:.0f}", "--result", result_path]  # fmt: skip
         os.makedirs(run.args.out, exist_ok=True)
@@ -200,7 +201,7 @@ def start_fresh_graph_case(run: Run) -> Callable[[Run], dict]:
                 command,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                cwd=REPO_ROOT,
             )
         run.children.append(proc)
         procs[model] = (proc, result_path, log_path)

@@ -1,4 +1,4 @@
-"""The models and steps ``gpu_check.py`` runs: ResNet-50, the probe model, the compile probe, the
+"""The models and steps ``tools/gpu_check`` runs: ResNet-50, the probe model, the compile probe, the
 per-layer cases of the sync check, and a training step that can be captured whole in a CUDA graph.
 
 Two probe models, named in the report:

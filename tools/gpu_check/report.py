@@ -1,4 +1,4 @@
-"""The report of ``gpu_check.py``: the targets as rows with PASS / MISS, the markdown, the summary and
+"""The report of ``tools/gpu_check``: the targets as rows with PASS / MISS, the markdown, the summary and
 the exit code. Pure functions of the sections' recorded results (testable without a GPU).
 
 Each target row reads one check a section recorded (``result["checks"][name]``); a section that
@@ -15,7 +15,7 @@ COMMUNICATION_NOTE = (
     "One GPU cannot hold two NCCL ranks (NCCL refuses two ranks on one device), so correctness (a) runs 2 "
     "and 4 real gloo ranks that share the GPU with CUDA tensors, and everything else runs in one process as "
     "rank 0 of W = 8 under torch's fake process group, with its collectives replaced by a stand-in "
-    "(`IdenticalRanks` in `benchmarks/_gpu_check_parts.py`): all_reduce(SUM) multiplies by W, the "
+    "(`IdenticalRanks` in `tools/gpu_check/parts.py`): all_reduce(SUM) multiplies by W, the "
     "all_gathers tile the local input W times, as W ranks with identical data would. An empty rank or a "
     "one-sample rank is run beside W - 1 ranks holding a recorded batch (`OtherRanks`: the local payload "
     "plus W - 1 times the payload a full batch sent). Both syncnorm and torch.nn.SyncBatchNorm thus compute "

@@ -1,14 +1,14 @@
 """Everything issue 19 asks of one lent GPU, in one run: correctness, host syncs, CUDA graphs, compile,
 speed, memory; a report that cannot read PASS for something that did not happen.
 
-    PYTHONUNBUFFERED=1 timeout -s KILL 268 python benchmarks/gpu_check.py --device cuda --out OUT --syncnorm-commit SHA
-    python benchmarks/gpu_check.py --device cpu --out /tmp/gpucheck [--quick]   # rehearsal
+    PYTHONUNBUFFERED=1 timeout -s KILL 268 python -m tools.gpu_check --device cuda --out OUT --syncnorm-commit SHA
+    python -m tools.gpu_check --device cpu --out /tmp/gpucheck [--quick]   # rehearsal
 
 Sections (``--sections`` picks some), in the order they run:
 
 * a) correctness: 2 and 4 gloo ranks sharing the device (spawned: CUDA cannot fork), against
   float64 nn.BatchNorm on the global batch, with the op's own output and input-gradient strides;
-* c3) a fresh interpreter per model (``_gpu_check_fresh.py``) makes syncnorm's very first call
+* c3) a fresh interpreter per model (``fresh.py``) makes syncnorm's very first call
   inside a CUDA graph capture, replays vs eager;
 * b) no host sync (sync debug mode): the ResNet-50 training step, the SyncProbe step (an empty
   rank and a one-sample rank included) and every synchronised layer alone (empty rank, one value
@@ -20,10 +20,10 @@ Sections (``--sections`` picks some), in the order they run:
 
 a and c3 run in other processes, started first and joined before d1; b-e run here as rank 0 of
 W = 8 under torch's fake process group, with a stand-in for the collectives (``IdenticalRanks``,
-``OtherRanks`` in ``_gpu_check_parts.py``). The models are in ``_gpu_check_models.py``; the
-section bodies in ``_gpu_check_correctness.py`` (a), ``_gpu_check_fresh.py`` (c3),
-``_gpu_check_sections.py`` (b, c1, c2) and ``_gpu_check_speed.py`` (e, d1, d2); the report in
-``_gpu_check_report.py``; the budget and statuses in ``_gpu_check_run.py``.
+``OtherRanks`` in ``parts.py``). The models are in ``models.py``; the
+section bodies in ``correctness.py`` (a), ``fresh.py`` (c3),
+``sections.py`` (b, c1, c2) and ``speed.py`` (e, d1, d2); the report in
+``report.py``; the budget and statuses in ``run.py``.
 
 Budget: counted from the start of this process. A section starts only if it fits in
 ``--budget-s`` (otherwise "not run (budget)"); both reports are rewritten after every section;
@@ -50,14 +50,11 @@ import sys  # noqa: E402
 import threading  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 
-import _gpu_check_correctness as correctness  # noqa: E402
-import _gpu_check_fresh as fresh  # noqa: E402
-import _gpu_check_report as report  # noqa: E402
-import _gpu_check_sections as sections  # noqa: E402
-import _gpu_check_speed as speed  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-from _gpu_check_run import (  # noqa: E402
+
+from . import correctness, fresh, report, sections, speed  # noqa: E402
+from .run import (  # noqa: E402
     BACKGROUND,
     BUDGET_S,
     GRACE_S,
