@@ -3,9 +3,8 @@
     launch/torchrun_local.sh 2 tests/integration/jobs/digits_crash_job.py [--crash-at-step K] [--crash-rank R] \\
         [--process-log FILE] examples/train_digits.py [ITS ARGUMENTS...]
 
-Examples are scripts, not a package: the example is loaded from its path, with its folder first on
-``sys.path`` as ``python examples/train_digits.py`` has it, and its ``main`` runs with its own
-arguments. The example carries no test hooks; this job watches it through torch's global optimizer
+Examples are scripts, not a package: the example and its sibling ``common.py`` are loaded from
+their paths, and its ``main`` runs with its own arguments. The example carries no test hooks; this job watches it through torch's global optimizer
 step hook.
 
 ``--crash-at-step K``: rank R (default: the last rank) kills itself with SIGKILL right after its
@@ -44,12 +43,19 @@ def process_started_at() -> Optional[float]:
         return None
 
 
-def load_example(path: Path):
-    sys.path.insert(0, str(path.resolve().parent))  # the example's sibling modules, as when run as a script
-    spec = importlib.util.spec_from_file_location(path.stem, path)
+def _load(path: Path, name: str):
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def load_example(path: Path):
+    # The example imports its sibling common.py by name, as a script run from its folder would;
+    # that one module is loaded from its path here, so sys.path stays as it is.
+    _load(path.resolve().parent / "common.py", "common")
+    return _load(path.resolve(), path.stem)
 
 
 def main() -> None:
