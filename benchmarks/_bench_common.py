@@ -18,7 +18,6 @@ here, not imported:
 from __future__ import annotations
 
 import textwrap
-from collections.abc import Callable
 from typing import Optional
 
 import torch
@@ -129,22 +128,6 @@ def convert_to_naive(module: nn.Module) -> nn.Module:
     for name, child in module.named_children():
         module.add_module(name, convert_to_naive(child))
     return module
-
-
-# ---------------------------------------------------------------------------------------------
-# one training-mode call
-
-
-def fwd_bwd(module: nn.Module, input: Tensor, grad_output: Tensor) -> Callable[[], None]:
-    """One training-mode forward and backward of ``module``, gradients cleared first."""
-
-    def step() -> None:
-        input.grad = None
-        for param in module.parameters():
-            param.grad = None
-        module(input).backward(grad_output)
-
-    return step
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ one norm + act pair (its input a conv output), one conv + norm + act block, and 
 Target: the stack's InPlaceABN bytes at most 0.6x those of BN + act.
 
 Time: one forward + backward, per pair and for the stack, at W = 1 and W = 2 (gloo, one thread
-per rank, tests/harness.run_ranks), variants interleaved in a fresh random order each
+per rank, ``syncnorm.testing.run_ranks``), variants interleaved in a fresh random order each
 repetition; medians of rank 0, and the median over repetitions of each variant's time over
 BN + act's in the same repetition. The pair's input is ``x * 1`` of a leaf (a non-leaf, so that
 ``inplace=True`` can write over it), for every variant alike.

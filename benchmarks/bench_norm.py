@@ -40,7 +40,6 @@ from _bench_common import (
     SyncFloor,
     TinyResNet,
     convert_to_naive,
-    fwd_bwd,
     plain_batchnorm,
     plot_micro_ratios,
     plot_step_ratios,
@@ -48,6 +47,7 @@ from _bench_common import (
 from measure import (
     RESNET50_SHAPES,
     DeviceClock,
+    fwd_bwd,
     machine_description,
     median,
     paired_ratio,

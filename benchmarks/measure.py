@@ -118,6 +118,18 @@ def time_interleaved(
     return Timings(device=device, host=host)
 
 
+def fwd_bwd(module: nn.Module, input: Tensor, grad_output: Tensor) -> Callable[[], None]:
+    """One training-mode forward and backward of ``module``, gradients cleared first: a step to time."""
+
+    def step() -> None:
+        input.grad = None
+        for param in module.parameters():
+            param.grad = None
+        module(input).backward(grad_output)
+
+    return step
+
+
 def median(values: list[float]) -> float:
     ordered = sorted(values)
     middle = len(ordered) // 2

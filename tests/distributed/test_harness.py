@@ -123,3 +123,15 @@ def test_the_public_world_runner_reports_a_failed_rank_and_a_hung_one():
     with pytest.raises(syncnorm.testing.RanksHung, match=r"ranks \[0, 1\] did not finish within 5 s"):
         syncnorm.testing.run_ranks(_hang_on_rank_0, 2, timeout=5)
     assert time.monotonic() - started < 60
+
+
+def test_shard_splits_a_global_batch_in_rank_order_with_uneven_and_empty_parts():
+    batch = torch.arange(10).reshape(5, 2)
+    sizes = [2, 0, 3]
+    parts = [syncnorm.testing.shard(batch, rank, sizes) for rank in range(3)]
+    assert [part.shape[0] for part in parts] == sizes
+    assert torch.equal(torch.cat(parts), batch)
+    with pytest.raises(ValueError, match="no part for rank 3"):
+        syncnorm.testing.shard(batch, 3, sizes)
+    with pytest.raises(ValueError, match="of a batch of 5"):
+        syncnorm.testing.shard(batch, 1, [4, 2])

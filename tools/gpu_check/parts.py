@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 from collections import Counter
-from collections.abc import Callable
 from typing import Optional
 
 import torch
@@ -234,13 +233,3 @@ def op_output_and_grads(
     params = [p for p in module.parameters() if p.requires_grad]
     grads = torch.autograd.grad(output, [input, *params], grad_output, allow_unused=True)
     return output, grads[0], tuple(grads[1:])
-
-
-def layer_fwd_bwd(layer: nn.Module, x: Tensor, dy: Tensor) -> Callable[[], None]:
-    def step() -> None:
-        x.grad = None
-        for param in layer.parameters():
-            param.grad = None
-        layer(x).backward(dy)
-
-    return step

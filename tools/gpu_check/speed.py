@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import syncnorm
-from benchmarks.measure import DeviceClock, median, paired, saved_tensor_bytes, time_interleaved
+from benchmarks.measure import DeviceClock, fwd_bwd, median, paired, saved_tensor_bytes, time_interleaved
 
 from . import models, parts
 from .report import check
@@ -111,7 +111,7 @@ def _layer_row(run: Run, clock: DeviceClock, layers: Callable[[int], dict], impl
     x = torch.randn(batch, *shape, device=run.device, dtype=dtype).contiguous(memory_format=layout).requires_grad_()
     dy = torch.randn_like(x)
     fns: dict[str, Callable[[], Any]] = {"copy": lambda: x.detach().clone()}
-    fns.update({name: parts.layer_fwd_bwd(layer, x, dy) for name, layer in layers(shape[0]).items()})
+    fns.update({name: fwd_bwd(layer, x, dy) for name, layer in layers(shape[0]).items()})
     timed = time_interleaved(fns, run.sizes["layer_reps"], 1, inner=run.sizes["layer_inner"], clock=clock)
     times, host_ms = _milliseconds(timed.device), _milliseconds(timed.host)
     nbytes = x.numel() * x.element_size()
