@@ -1,4 +1,4 @@
-"""Everything issue 19 asks of one lent GPU, in one run: correctness, host syncs, CUDA graphs, compile,
+"""Every check syncnorm needs from one lent GPU, in one run: correctness, host syncs, CUDA graphs, compile,
 speed, memory; a report that cannot read PASS for something that did not happen.
 
     PYTHONUNBUFFERED=1 timeout -s KILL 268 python -m tools.gpu_check --device cuda --out OUT --syncnorm-commit SHA
