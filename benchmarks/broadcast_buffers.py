@@ -141,7 +141,7 @@ def main() -> None:
         low, _, high = quartiles[key]
         print(f"| {label} | {median[key]:.2f} | {low:.2f} - {high:.2f} |")
     saved = median[True] - median[False]
-    # The two steps of a pair ran back to back: their difference is the least load-sensitive number.
+    # The two settings ran in the same repetition: their difference is the least load-sensitive number.
     paired_saved = statistics.median(on - off for on, off in zip(per_step[True], per_step[False]))
     print(
         f"\nratio of medians False/True: {median[False] / median[True]:.3f}; saved per step: {saved:.2f} ms "

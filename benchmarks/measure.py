@@ -50,6 +50,20 @@ class HostEvent:
         return (end.at - self.at) * 1e3
 
 
+class _StreamEvent:
+    """A ``torch.cuda.Event`` recorded on one device's current stream, whichever device is current."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.event = torch.cuda.Event(enable_timing=True)
+        self.device = device
+
+    def record(self) -> None:
+        self.event.record(torch.cuda.current_stream(self.device))
+
+    def elapsed_time(self, end: _StreamEvent) -> float:
+        return self.event.elapsed_time(end.event)
+
+
 class DeviceClock:
     """What the timer needs of a device: synchronise it, and events that time its queue."""
 
@@ -62,7 +76,7 @@ class DeviceClock:
             torch.cuda.synchronize(self.device)
 
     def event(self) -> Any:
-        return torch.cuda.Event(enable_timing=True) if self.cuda else HostEvent()
+        return _StreamEvent(self.device) if self.cuda else HostEvent()
 
 
 @dataclass

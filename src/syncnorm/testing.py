@@ -183,7 +183,7 @@ def shard(global_batch: torch.Tensor, rank: int, sizes: Sequence[int]) -> torch.
     output on ``global_batch``: the reference a distributed test compares against. ``sizes`` may
     be uneven and may hold zeros (an empty rank).
     """
-    if rank >= len(sizes) or sum(sizes[: rank + 1]) > global_batch.shape[0]:
+    if not 0 <= rank < len(sizes) or sum(sizes[: rank + 1]) > global_batch.shape[0]:
         raise ValueError(f"sizes {list(sizes)} hold no part for rank {rank} of a batch of {global_batch.shape[0]}")
     start = sum(sizes[:rank])
     return global_batch[start : start + sizes[rank]]

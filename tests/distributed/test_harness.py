@@ -133,5 +133,7 @@ def test_shard_splits_a_global_batch_in_rank_order_with_uneven_and_empty_parts()
     assert torch.equal(torch.cat(parts), batch)
     with pytest.raises(ValueError, match="no part for rank 3"):
         syncnorm.testing.shard(batch, 3, sizes)
+    with pytest.raises(ValueError, match="no part for rank -1"):
+        syncnorm.testing.shard(batch, -1, sizes)
     with pytest.raises(ValueError, match="of a batch of 5"):
         syncnorm.testing.shard(batch, 1, [4, 2])

@@ -1,7 +1,7 @@
 """What a new user meets first: clean exits, the guard under DDP's defaults, messages that point somewhere.
 
 Multi-rank cases run real gloo ranks (tests/helpers/harness.py); the exit checks run real torchrun and
-Lightning jobs (tools/exit_repeat.py, a few repeats here; the benchmark itself runs 20+).
+Lightning jobs (tools/exit_repeat.py, a few repeats here; run by hand it does 20+).
 References are independent of the code under test: nn.BatchNorm1d on the global batch, and
 plain ``dist.all_reduce`` for what the backend does on its own.
 """

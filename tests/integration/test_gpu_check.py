@@ -24,7 +24,9 @@ GROUPS = {
 }
 
 
-@pytest.mark.parametrize("group", list(GROUPS))
+@pytest.mark.parametrize(
+    "group", [pytest.param(group, marks=pytest.mark.timeout(timeout + 30)) for group, (_, timeout) in GROUPS.items()]
+)
 def test_gpu_check_selfcheck(group, tmp_path):
     expression, timeout = GROUPS[group]
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", SELFCHECK]

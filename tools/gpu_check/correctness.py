@@ -72,7 +72,7 @@ def correctness_cases(world: int, quick: bool) -> list[dict]:
         add(layout, momentum=None)
     add("channels_last", "float64")
     add("nchw", sizes=[4] * world)
-    # Ranks holding one value per channel (the edge of defect 5); at W=2 one rank holds 2, since the
+    # Ranks holding one value per channel (the edge of the at-most-one-value rule); at W=2 one rank holds 2, since the
     # input gradient of a batch of exactly 2 values is identically zero (nothing to compare).
     add("nc", sizes=[1] * world if world > 2 else [1, 2])
     add("nchw", sizes=[0] * (world - 1) + [6])

@@ -1,9 +1,8 @@
 """The pieces the sections of ``tools/gpu_check`` share: stand-ins for W ranks, the error measure, the
-layout check on what an op returns, the timer.
+layout check on what an op returns. (The timer is ``benchmarks/measure.py``'s.)
 
 Everything here runs on CUDA and on CPU tensors alike (``device`` is an argument), so that
-``gpu_check.py --device cpu`` rehearses the same code the GPU run takes; what needs CUDA
-(CUDA events, device synchronisation) is switched on ``device.type``.
+``python -m tools.gpu_check --device cpu`` rehearses the same code the GPU run takes.
 """
 
 from __future__ import annotations

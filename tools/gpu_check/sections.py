@@ -1,5 +1,5 @@
 """Sections b, c1 and c2 of ``tools/gpu_check``: host syncs, CUDA graphs, compile. Each returns its result
-with ``checks`` (see ``_gpu_check_run``)."""
+with ``checks`` (see ``run.py``)."""
 
 from __future__ import annotations
 

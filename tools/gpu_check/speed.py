@@ -1,5 +1,5 @@
 """Sections d1, d2 and e of ``tools/gpu_check``: per-layer speed and bandwidth, ResNet-50 step time,
-InPlaceABN activation memory. Each returns its result with ``checks`` (see ``_gpu_check_run``)."""
+InPlaceABN activation memory. Each returns its result with ``checks`` (see ``run.py``)."""
 
 from __future__ import annotations
 

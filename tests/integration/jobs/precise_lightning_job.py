@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from syncnorm.lightning import SyncNormPlugin
 from syncnorm.lightning_precise import PreciseBNCallback
+from syncnorm.testing import shard
 
 TRAIN_SHARDS = (6, 5)  # rank 1's last batch is short
 BATCH = 3
@@ -42,11 +43,6 @@ def make_data() -> dict[str, torch.Tensor]:
         "val_x": torch.randn(4, CHANNELS, SIZE, SIZE, generator=gen, dtype=torch.float64),
         "val_y": torch.randint(0, CLASSES, (4,), generator=gen),
     }
-
-
-def shard(tensor: torch.Tensor, rank: int) -> torch.Tensor:
-    start = sum(TRAIN_SHARDS[:rank])
-    return tensor[start : start + TRAIN_SHARDS[rank]]
 
 
 class DropNet(pl.LightningModule):
@@ -82,7 +78,7 @@ class DropNet(pl.LightningModule):
 
     def train_dataloader(self):
         rank = self.trainer.global_rank
-        data = TensorDataset(shard(self.data["train_x"], rank), shard(self.data["train_y"], rank))
+        data = TensorDataset(*(shard(self.data[key], rank, TRAIN_SHARDS) for key in ("train_x", "train_y")))
         return DataLoader(data, batch_size=BATCH, shuffle=False)
 
     def val_dataloader(self):
