@@ -43,17 +43,11 @@ FILE_MARKERS = {
 }
 
 
-# Whole jobs take tens of seconds each and unit tests a fraction of one: running the long kinds
-# first lets pytest-xdist fill the end of the run with short tests instead of waiting on one job.
-RUN_ORDER = {"integration": 0, "distributed": 1, "unit": 2}
-
-
 def pytest_collection_modifyitems(config, items):
     for item in items:
         path = Path(str(item.fspath))
         for name in KIND_MARKERS.get(path.parent.name, ()) + FILE_MARKERS.get(path.name, ()):
             item.add_marker(name)
-    items.sort(key=lambda item: RUN_ORDER.get(Path(str(item.fspath)).parent.name, len(RUN_ORDER)))
 
 
 @pytest.fixture
