@@ -22,11 +22,12 @@ pytest.importorskip("pytorch_lightning")
 
 import pytorch_lightning as pl  # noqa: E402
 from helpers.harness import RankError, free_port, launcher_free_env, run_command, run_ranks  # noqa: E402
-from jobs.lightning_job import EVAL_SHARD, TRAIN_SHARDS, TinyNet, make_data, shard  # noqa: E402
+from jobs.lightning_job import EVAL_SHARD, TRAIN_SHARDS, TinyNet, make_data  # noqa: E402
 from pytorch_lightning.utilities.exceptions import MisconfigurationException  # noqa: E402
 
 from syncnorm import convert_sync_batchnorm  # noqa: E402
 from syncnorm.lightning import SyncNormCallback, SyncNormPlugin  # noqa: E402
+from syncnorm.testing import shard  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 JOB = Path(__file__).resolve().parent / "jobs" / "lightning_job.py"

@@ -19,9 +19,10 @@ import torch.nn.functional as F
 pytest.importorskip("pytorch_lightning")
 
 from helpers.harness import free_port, launcher_free_env, run_command  # noqa: E402
-from jobs.precise_lightning_job import BATCH, EPOCHS, NUM_BATCHES, make_data, shard  # noqa: E402
+from jobs.precise_lightning_job import BATCH, EPOCHS, NUM_BATCHES, TRAIN_SHARDS, make_data  # noqa: E402
 
 from syncnorm.lightning_precise import PreciseBNCallback  # noqa: E402
+from syncnorm.testing import shard  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 JOB = Path(__file__).resolve().parent / "jobs" / "precise_lightning_job.py"
@@ -49,7 +50,8 @@ def reference_stats(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Population statistics of both BatchNorm inputs, from the weights in ``state``, by hand."""
     x_all = make_data()["train_x"]
     steps = [
-        torch.cat([shard(x_all, rank)[t * BATCH : (t + 1) * BATCH] for rank in range(2)]) for t in range(NUM_BATCHES)
+        torch.cat([shard(x_all, rank, TRAIN_SHARDS)[t * BATCH : (t + 1) * BATCH] for rank in range(2)])
+        for t in range(NUM_BATCHES)
     ]
     seen: dict[str, list[torch.Tensor]] = {"net.1": [], "net.6": []}
     for x in steps:
