@@ -1,6 +1,9 @@
 # examples/ddp_minimal.py; run with: torchrun --nproc-per-node 2 examples/ddp_minimal.py
 """The smallest complete DDP training script with syncnorm (CPU, gloo): the README's usage example."""
 
+import os
+import sys
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -25,4 +28,9 @@ for step in range(3):
         print(f"step {step}: loss {loss.item():.3f}")
 
 plain = syncnorm.revert_sync_batchnorm(model)  # nn.BatchNorm2d again: same weights and statistics
-dist.destroy_process_group()
+
+# A gloo process can abort while Python shuts down right after a collective (docs/troubleshooting.md):
+# once every rank is done, leave without the teardown.
+dist.barrier()
+sys.stdout.flush()
+os._exit(0)

@@ -12,7 +12,7 @@ Jobs (``--jobs``, comma separated):
   with ``SyncNormPlugin()``, with ``SyncNormCallback(check_every_n_steps=2, on_drift="raise")``
   or with both; nothing after ``fit``.
 * ``lightning-both-destroy``: as ``lightning-both``, then ``torch.distributed.destroy_process_group()``
-  (the documented one-line workaround for the part of the exit that is Lightning's and torch's).
+  (enough where nothing else holds the group; docs/troubleshooting.md gives an ending that holds either way).
 * ``torchrun-step``: two ranks under torchrun, one synchronised training step (forward and
   backward, no DDP), and the script ends right away: syncnorm's backward all_reduce is the last
   collective before the exit, the tightest case there is.
