@@ -193,6 +193,12 @@ VARIANT_NOTES = {
 }
 
 
+def _spread(numerator: list[float], denominator: list[float]) -> tuple[float, float, float]:
+    """(median, q1, q3) of the paired ratios, for an error bar."""
+    ratio = paired(numerator, denominator)
+    return ratio["median"], ratio["q1"], ratio["q3"]
+
+
 def _setting(meta: dict | None) -> str:
     if not meta:
         return ""
@@ -218,11 +224,7 @@ def plot_micro_ratios(micro: list[dict], baseline: str, path: str, meta: dict | 
         entries = [entry for entry in micro if entry["world"] == world]
         width = 0.7 / len(names)
         for index, name in enumerate(names):
-            spreads = [
-                tuple(paired(e["times_ms"][name], e["times_ms"][baseline]).values())
-                for e in entries
-                if name in e["times_ms"]
-            ]
+            spreads = [_spread(e["times_ms"][name], e["times_ms"][baseline]) for e in entries if name in e["times_ms"]]
             positions = [i + (index - (len(names) - 1) / 2) * width for i in range(len(spreads))]
             mid = [m for m, _, _ in spreads]
             errors = [[m - lo for m, lo, _ in spreads], [hi - m for m, _, hi in spreads]]
@@ -256,7 +258,7 @@ def plot_step_ratios(e2e: dict, baseline: str, path: str, meta: dict | None = No
     """Each variant's training-step time over ``baseline``: median and quartiles, with the absolute medians."""
     plt = pyplot()
     names = list(e2e["times_ms"])
-    spreads = [tuple(paired(e2e["times_ms"][name], e2e["times_ms"][baseline]).values()) for name in names]
+    spreads = [_spread(e2e["times_ms"][name], e2e["times_ms"][baseline]) for name in names]
     figure, axis = plt.subplots(figsize=(6.4, 3.8))
     for index, (name, (mid, lo, hi)) in enumerate(zip(names, spreads)):
         axis.bar(index, mid, 0.6, color=VARIANT_COLOURS.get(name, "tab:purple"))

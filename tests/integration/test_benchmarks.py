@@ -11,10 +11,10 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
 import sys
 
 import torch
+from helpers.harness import run_split
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BENCHMARKS = os.path.join(REPO_ROOT, "benchmarks")
@@ -25,9 +25,9 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 def test_tiny_preset_writes_tables_and_plots(tmp_path):
     out = tmp_path / "results"
     command = [sys.executable, os.path.join(BENCHMARKS, "bench_norm.py"), "--quick", "--tiny", "--out", str(out)]
-    finished = subprocess.run(command, capture_output=True, text=True, timeout=240, cwd=REPO_ROOT)
-    assert finished.returncode == 0, finished.stderr[-4000:]
-    assert "baselines checked: naive = float64 nn.BatchNorm on the global batch" in finished.stdout
+    returncode, stdout, stderr = run_split(command, timeout=240)
+    assert returncode == 0, stderr[-4000:]
+    assert "baselines checked: naive = float64 nn.BatchNorm on the global batch" in stdout
 
     for name in ("micro_ratios.png", "e2e_step.png", "comm_model.png"):
         assert (out / name).read_bytes()[:8] == PNG_MAGIC, name
@@ -55,8 +55,8 @@ def test_tiny_preset_writes_tables_and_plots(tmp_path):
     for name in ("micro_ratios.png", "e2e_step.png", "comm_model.png"):
         (out / name).unlink()
     command = [sys.executable, os.path.join(BENCHMARKS, "bench_norm.py"), "--replot", "--out", str(out)]
-    finished = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
-    assert finished.returncode == 0, finished.stderr[-4000:]
+    returncode, _, stderr = run_split(command, timeout=120)
+    assert returncode == 0, stderr[-4000:]
     for name in ("micro_ratios.png", "e2e_step.png", "comm_model.png"):
         assert (out / name).read_bytes()[:8] == PNG_MAGIC, name
     assert "--quick --tiny" in markdown

@@ -8,12 +8,11 @@ they run in three groups, each a pytest process of its own, so xdist can spread 
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 
 import pytest
+from helpers.harness import run_split
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SELFCHECK = os.path.join("tools", "gpu_check", "selfcheck.py")
 
 # The rehearsal's own budget (420 s) + grace (30 s) + hard exit (10 s), and a margin for pytest's start.
@@ -31,9 +30,9 @@ def test_gpu_check_selfcheck(group, tmp_path):
     expression, timeout = GROUPS[group]
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", SELFCHECK]
     command += ["-k", expression, "--basetemp", str(tmp_path / "selfcheck"), "-o", f"timeout={timeout - 30}"]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT)
-    tail = done.stdout[-6000:] + done.stderr[-3000:]
-    assert done.returncode == 0, tail
+    returncode, stdout, stderr = run_split(command, timeout=timeout)  # from the repository root
+    tail = stdout[-6000:] + stderr[-3000:]
+    assert returncode == 0, tail
     # the group ran checks, and none was skipped
-    summary = done.stdout.strip().splitlines()[-1]
+    summary = stdout.strip().splitlines()[-1]
     assert " passed" in summary and "skipped" not in summary and "deselected" in summary, tail

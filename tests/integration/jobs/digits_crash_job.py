@@ -4,8 +4,8 @@
         [--process-log FILE] examples/train_digits.py [ITS ARGUMENTS...]
 
 Examples are scripts, not a package: the example and its sibling ``common.py`` are loaded from
-their paths, and its ``main`` runs with its own arguments. The example carries no test hooks; this job watches it through torch's global optimizer
-step hook.
+their paths, and its ``main`` runs with its own arguments. The example carries no test hooks; this
+job watches it through torch's global optimizer step hook.
 
 ``--crash-at-step K``: rank R (default: the last rank) kills itself with SIGKILL right after its
 K-th optimizer step, once per output folder: the marker file ``.crash-injected`` in the example's
