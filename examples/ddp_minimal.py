@@ -29,8 +29,8 @@ for step in range(3):
 
 plain = syncnorm.revert_sync_batchnorm(model)  # nn.BatchNorm2d again: same weights and statistics
 
-# A gloo process can abort while Python shuts down right after a collective (docs/troubleshooting.md):
-# once every rank is done, leave without the teardown.
+# gloo can abort a process that ends right after a collective
+# (docs/troubleshooting.md): once every rank is done, skip the teardown.
 dist.barrier()
 sys.stdout.flush()
 os._exit(0)
