@@ -181,11 +181,14 @@ def _wait_until_released(tensor: torch.Tensor, baseline: int) -> None:
         os.sched_yield()
 
 
+# CPU tensors go through gloo (or MPI), whose collectives have finished when the call returns:
+# the release wait is for the worker's bookkeeping only. CUDA collectives (NCCL) return at
+# enqueue; waiting there would wait for the GPU.
+_HAS_USE_COUNT = hasattr(torch.Tensor, "_use_count")
+
+
 def _waits_for_release(tensor: torch.Tensor) -> bool:
-    # CPU tensors go through gloo (or MPI), whose collectives have finished when the call
-    # returns: the wait is for the worker's bookkeeping only. CUDA collectives (NCCL) return
-    # at enqueue; waiting there would wait for the GPU.
-    return tensor.device.type == "cpu" and hasattr(tensor, "_use_count")
+    return tensor.is_cpu and _HAS_USE_COUNT
 
 
 _ALLREDUCE_OPTIONS: dict = {}
@@ -285,28 +288,26 @@ def all_reduce(
 
     On CPU it returns only once the backend no longer holds ``tensor`` (see the module docstring).
     """
-    wait = _waits_for_release(tensor)
+    compiling = torch.compiler.is_compiling()
+    wait = tensor.is_cpu and _HAS_USE_COUNT and not compiling
     baseline = tensor._use_count() if wait else 0
-    recording = profiler._active
-    if recording is not None and torch.compiler.is_compiling():
-        recording = None
+    recording = None if compiling else profiler._active
     begun = recording._begin(tensor) if recording is not None else None
     try:
-        if torch.compiler.is_compiling():
+        if compiling:
             dist.all_reduce(tensor, op=op, group=group)
-        elif wait:
+        else:
             # The process group's own call: dist.all_reduce's argument checks and logging
             # wrappers cost more host time than a small layer's whole compute.
             work = group.allreduce([tensor], _options(op))
             if work is not None:
-                _wait_loudly(work, group, layer, what)
+                if wait:
+                    _wait_loudly(work, group, layer, what)
+                else:
+                    # CUDA (NCCL): wait() only orders the current stream after the collective;
+                    # a timed wait would block the host until the GPU finished.
+                    work.wait()
             del work  # the work holds the tensor: the release wait below counts on it being gone
-        else:
-            # CUDA (NCCL): wait() only orders the current stream after the collective; a
-            # timed wait would block the host until the GPU finished.
-            work = group.allreduce([tensor], _options(op))
-            if work is not None:
-                work.wait()
     except Exception as err:  # backend errors have no common base class
         if wait:
             _still_held.append(tensor)  # the backend may still hold it: never its last reference
@@ -318,7 +319,7 @@ def all_reduce(
             f"skipped this layer, or the process group's timeout expired. "
             f"Backend said: {type(err).__name__}: {err}." + check_hint()
         ) from err
-    if wait:
+    if wait and tensor._use_count() > baseline:
         _wait_until_released(tensor, baseline)
     if recording is not None:
         recording._end(begun, tensor, group, layer, what)

@@ -25,7 +25,6 @@ statistics as they were, through device-side masks.
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import zlib
 from typing import Optional, Union
@@ -85,9 +84,21 @@ def affine_in_dtype(
     return weight, bias
 
 
+# Tensor.float() and its siblings parse their arguments faster than Tensor.to(dtype).
+_CASTS = {
+    torch.float32: Tensor.float,
+    torch.float64: Tensor.double,
+    torch.float16: Tensor.half,
+    torch.bfloat16: Tensor.bfloat16,
+}
+
+
 def cast(t: Tensor, dtype: torch.dtype) -> Tensor:
     """``t.to(dtype)``, skipping the call when it would return ``t`` (it costs host time even then)."""
-    return t if t.dtype == dtype else t.to(dtype)
+    if t.dtype == dtype:
+        return t
+    method = _CASTS.get(dtype)
+    return t.to(dtype) if method is None else method(t)
 
 
 def like(result: Tensor, reference: Tensor) -> Tensor:
@@ -199,20 +210,42 @@ _FINGERPRINT_RANGE = 4095
 _fingerprints: dict[tuple[str, str], tuple[int, Tensor]] = {}
 
 
-def fingerprint_head(layer: str, what: str, like: Tensor) -> Tensor:
-    """``[f, f^2]`` in float64 on ``like``'s device, for this layer's ``what`` pass."""
+def _fingerprint(layer: str, what: str) -> tuple[int, Tensor]:
     known = _fingerprints.get((layer, what))
     if known is None:
         f = 1 + zlib.crc32(f"{layer}\0{what}".encode()) % _FINGERPRINT_RANGE
         known = _fingerprints[(layer, what)] = (f, torch.tensor([f, f * f], dtype=torch.float64, device="cpu"))
-    f, head = known
-    if like.device.type == "cpu":
+    return known
+
+
+def fingerprint_head(layer: str, what: str, like: Tensor) -> Tensor:
+    """``[f, f^2]`` in float64 on ``like``'s device, for this layer's ``what`` pass."""
+    f, head = _fingerprint(layer, what)
+    if like.is_cpu:
         return head
     # Fill kernels: a Python number copied into a device tensor would be a blocking copy, and a
     # cached device tensor could be born inside a CUDA-graph capture.
     head = like.new_full((2,), float(f), dtype=torch.float64)
     head[1:].mul_(f)
     return head
+
+
+# The CPU payload's head [f, f^2, n] and the factors [1, 1, 1, n, ..., n] that weight a rank's
+# statistics by its count, per (layer, pass), for the last count n seen: a Python number in an
+# arithmetic op is wrapped into a new tensor on every call.
+_counted_heads: dict[tuple[str, str], tuple[int, int, Tensor, Tensor]] = {}
+
+
+def _counted_head(layer: str, what: str, count: int, channels: int) -> tuple[Tensor, Tensor]:
+    known = _counted_heads.get((layer, what))
+    if known is None or known[0] != count or known[1] != channels:
+        f, _ = _fingerprint(layer, what)
+        with torch.inference_mode(False):  # constants born in inference mode could not be used outside it
+            head = torch.tensor([f, f * f, count], dtype=torch.float64, device="cpu")
+            weights = torch.full((3 + 2 * channels,), float(count), dtype=torch.float64, device="cpu")
+            weights[:3] = 1.0
+        known = _counted_heads[(layer, what)] = (count, channels, head, weights)
+    return known[2], known[3]
 
 
 _fake_backend: dict[str, bool] = {}
@@ -252,7 +285,7 @@ def verify_fingerprint(sums: Tensor, group, layer: str, what: str) -> Optional[l
             message = _mixed_layers_message(group_size, layer, what)
             torch._assert_async(group_size * sums[1] - sums[0] * sums[0] <= spread, message)
         return None
-    head = sums[:3].tolist()
+    head = (sums if sums.numel() <= 3 else sums[:3]).tolist()
     if group_size * head[1] - head[0] * head[0] > spread and not _is_fake(group):
         # The message is built only here: the CPU path runs this check in every pass.
         raise SyncNormMismatchError(_mixed_layers_message(group_size, layer, what))
@@ -261,6 +294,14 @@ def verify_fingerprint(sums: Tensor, group, layer: str, what: str) -> Optional[l
 
 def moments_payload(count: int, mean: Tensor, var: Tensor, layer: str, what: str) -> Tensor:
     """``[f, f^2, n, n mean, n (var + mean^2)]`` in float64, for a rank's n values per channel."""
+    if mean.is_cpu and type(mean) is Tensor:
+        # One cat, which also casts to float64, then in-place arithmetic on its parts.
+        channels = mean.shape[0]
+        head, weights = _counted_head(layer, what, count, channels)
+        payload = torch.cat((head, mean, var))
+        _, first, second = payload.split_with_sizes((3, channels, channels))
+        second.addcmul_(first, first)
+        return payload.mul_(weights)
     mean = cast(mean, torch.float64)
     payload = torch.cat((fingerprint_head(layer, what, mean), _one(mean), mean, torch.addcmul(var, mean, mean)))
     payload[2:].mul_(count)
@@ -290,11 +331,13 @@ def reduced_means(payload: Tensor, group, layer: str, what: str) -> tuple[Tensor
     _, count, first, second = payload.split_with_sizes((2, 1, channels, channels))
     head = None if group is None else verify_fingerprint(payload, group, layer, what)
     if payload.is_cuda or torch.compiler.is_compiling():
-        host_count, scale = None, count.reciprocal()
-    else:
-        host_count = head[2] if head is not None else float(count)
-        scale = 1.0 / host_count if host_count else 0.0
-    return count, first * scale, second * scale, host_count
+        scale = count.reciprocal()
+        return count, first * scale, second * scale, None
+    host_count = head[2] if head is not None else float(count)
+    if not host_count:
+        return count, first * 0.0, second * 0.0, host_count
+    # By the count tensor: a Python number would be wrapped into a tensor per call.
+    return count, first.div(count), second.div(count), host_count
 
 
 def global_moments(
@@ -362,27 +405,36 @@ def grad_sums(grad: Tensor, input: Tensor, mean: Tensor, var: Tensor, invstd: Te
 
 def reduce_grad_sums(
     sum_dy: Tensor, sum_dy_xhat: Tensor, count: Tensor, host_count: Optional[float], group, layer: str,
-    check: bool, input: Tensor, sign: float = 1.0,
-) -> Tensor:  # fmt: skip
-    """The gradient all_reduce: ``sign * [mean dy, mean dy * x_hat]`` over the group, shape (2, C).
+    check: bool, input: Tensor, factor: Optional[Tensor] = None, sign: float = 1.0,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """The gradient all_reduce: ``sign * factor * (mean dy, mean dy * x_hat)`` over the group.
 
-    The payload is ``[f, f^2, sum dy (C), sum dy * x_hat (C)]`` in float64 (the fingerprint's
-    sums must stay exact); the means come back in the sums' dtype.
+    ``factor`` (per channel, optional) and ``sign`` are folded into the one scaling that turns
+    the global sums into means. The payload is ``[f, f^2, sum dy (C), sum dy * x_hat (C)]`` in
+    float64 (the fingerprint's sums must stay exact); the means come back in the sums' dtype.
     """
-    if group is None:
-        sums = torch.stack((sum_dy, sum_dy_xhat))
-    else:
+    dtype = sum_dy.dtype
+    if group is not None:
         what = "backward gradient"
         if check:
             guard.verify_consistency(group, layer, input, training=True, kind=guard.KIND_BACKWARD)
         payload = torch.cat((fingerprint_head(layer, what, sum_dy), sum_dy, sum_dy_xhat))
         collectives.all_reduce(payload, group, layer=layer, what=what)
-        verify_fingerprint(payload, group, layer, what)
-        sums = cast(payload[2:], sum_dy.dtype).view(2, -1)
+        head, sum_dy, sum_dy_xhat = payload.split_with_sizes((2, sum_dy.shape[0], sum_dy.shape[0]))
+        verify_fingerprint(head, group, layer, what)
+        # Fresh tensors from here on (float64 payload) unless the sums are float64 themselves, then
+        # views of the payload: either way the caller's sums (its parameter gradients) stay as they are.
+        sum_dy, sum_dy_xhat = cast(sum_dy, dtype), cast(sum_dy_xhat, dtype)
+    else:
+        sum_dy, sum_dy_xhat = sum_dy.clone(), sum_dy_xhat.clone()
     if host_count is not None:
-        return sums.mul_(sign / host_count if host_count else 0.0)
-    means = sums.div_(count.to(sums.dtype))
-    return means if sign == 1.0 else means.mul_(sign)
+        scale = scalar(sign / host_count if host_count else 0.0, dtype)
+    else:
+        scale = count.reciprocal().to(dtype)
+        scale = scale if sign == 1.0 else scale.mul_(sign)
+    if factor is not None:
+        scale = factor * scale
+    return sum_dy.mul_(scale), sum_dy_xhat.mul_(scale)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -420,25 +472,47 @@ def update_running_stats(
     below ``min_count`` leaves the buffers unchanged; on CUDA through a device-side mask.
     Called only after the op has succeeded, so a failed step never half-updates them.
     """
-    with torch.no_grad() if torch.is_grad_enabled() else contextlib.nullcontext():
-        dtype = running_mean.dtype
-        if host_count is not None and not isinstance(momentum, Tensor) and dtype in (torch.float32, torch.float64):
-            if host_count < min_count:
-                return
-            factor = host_count / (host_count - 1) if unbiased else 1.0
-            running_mean.lerp_(cast(mean, dtype), momentum)
-            running_var.mul_(1 - momentum).add_(cast(var, dtype), alpha=momentum * factor)
+    if torch.is_grad_enabled():
+        with torch.no_grad():
+            return update_running_stats(
+                running_mean, running_var, mean, var, count, momentum, host_count, min_count=min_count,
+                unbiased=unbiased,
+            )  # fmt: skip
+    dtype = running_mean.dtype
+    if host_count is not None and not isinstance(momentum, Tensor) and dtype in (torch.float32, torch.float64):
+        if host_count < min_count:
             return
-        # Device-side route: a tensor count and momentum, no host read. Half-precision buffers
-        # are averaged in float32 and rounded once, as torch's kernels do.
-        work = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-        if unbiased:
-            var = var * (count / (count - 1)).to(var.dtype)
-        weight = (count >= min_count).to(work)
-        weight = weight * (momentum.to(work) if isinstance(momentum, Tensor) else momentum)
-        for running, batch in ((running_mean, mean), (running_var, var)):
-            batch = torch.where(weight > 0, batch.to(work), 0)  # 0 * NaN would poison the buffer
-            if work == dtype:
-                running.lerp_(batch, weight)
-            else:
-                running.copy_(torch.lerp(running.to(work), batch, weight))
+        factor = host_count / (host_count - 1) if unbiased else 1.0
+        running_mean.lerp_(cast(mean, dtype), momentum)
+        running_var.mul_(scalar(1 - momentum, dtype)).add_(cast(var, dtype), alpha=momentum * factor)
+        return
+    # Device-side route: a tensor count and momentum, no host read. Half-precision buffers
+    # are averaged in float32 and rounded once, as torch's kernels do.
+    work = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    if unbiased:
+        var = var * (count / (count - 1)).to(var.dtype)
+    weight = (count >= min_count).to(work)
+    weight = weight * (momentum.to(work) if isinstance(momentum, Tensor) else momentum)
+    for running, batch in ((running_mean, mean), (running_var, var)):
+        batch = torch.where(weight > 0, batch.to(work), 0)  # 0 * NaN would poison the buffer
+        if work == dtype:
+            running.lerp_(batch, weight)
+        else:
+            running.copy_(torch.lerp(running.to(work), batch, weight))
+
+
+# Python numbers that recur every step (1 - momentum, 1 / global count) as 0-dim CPU tensors: an
+# arithmetic op wraps a Python number into a new tensor on every call. A few entries; values
+# that change every step (momentum=None) get none past the cap.
+_scalars: dict[tuple[float, torch.dtype], Tensor] = {}
+
+
+def scalar(value: float, dtype: torch.dtype) -> Union[float, Tensor]:
+    """``value`` as a cached 0-dim CPU tensor of ``dtype`` (the number itself past the cache's cap)."""
+    known = _scalars.get((value, dtype))
+    if known is None:
+        if len(_scalars) >= 64:
+            return value
+        with torch.inference_mode(False):
+            known = _scalars[(value, dtype)] = torch.tensor(value, dtype=dtype, device="cpu")
+    return known

@@ -91,8 +91,7 @@ class InPlaceABN(SyncLayer, _BatchNorm):
 
     def forward(self, input: Tensor) -> Tensor:
         if self.training:
-            running = self._running_target()
-            counted, momentum = self._begin_step(True)
+            running, counted, momentum = self._begin_step(True)
         else:
             running = (self.running_mean, self.running_var) if self._tracking() else None
             counted, momentum = False, 0.0

@@ -108,20 +108,27 @@ class SyncLayer:
             self._flush_window()  # eval must see the statistics of every micro-batch so far
         return super().train(mode)
 
-    def _begin_step(self, synchronised: bool) -> tuple[bool, core.Momentum]:
-        """Count a training step; return (counted, momentum) for the running update.
+    def _begin_step(self, synchronised: bool) -> tuple[Optional[pooling.Running], bool, core.Momentum]:
+        """Count a training step: (what it updates, whether it counted, momentum for the update).
 
-        Activation checkpointing re-runs the forward inside backward: batch statistics again,
-        but the running statistics were updated by the original forward, so momentum 0.
+        What it updates is :meth:`_running_target`'s. Activation checkpointing re-runs the forward
+        inside backward: batch statistics again, but the running statistics were updated by the
+        original forward, so momentum 0; an accumulation window counts its step when it closes.
         """
-        if not self._tracking() or self._pool() is not None:
-            return False, 0.0  # an accumulation window counts its step when it closes
-        if recomputing_in_backward():
-            return False, 0.0
-        self.num_batches_tracked.add_(1)
+        if not self.track_running_stats or self.running_mean is None:
+            return None, False, 0.0
+        pool = self.__dict__.get(_POOL)
+        recomputing = recomputing_in_backward()
+        if pool is not None:
+            return (pooling.ALREADY_POOLED if recomputing else pool), False, 0.0
+        running = (self.running_mean, self.running_var)
+        if recomputing:
+            return running, False, 0.0
+        steps = self.num_batches_tracked
+        steps.add_(1)
         if self.momentum is None and not synchronised:
-            return True, 1.0 / float(self.num_batches_tracked)  # what F.batch_norm is given, as torch
-        return True, core.step_momentum(self.momentum, self.num_batches_tracked)
+            return running, True, 1.0 / float(steps)  # what F.batch_norm is given, as torch
+        return running, True, core.step_momentum(self.momentum, steps)
 
     def _undo_step(self, counted: bool) -> None:
         if counted:
@@ -228,8 +235,7 @@ class SyncBatchNorm(SyncLayer, _BatchNorm):
                 guard.verify_eval(self._group(), input, self.layer_name, True, guard.KIND_FORWARD)
             return batch_norm_eval(input, running, self.weight, self.bias, self.eps)
         group = self._group()
-        running = self._running_target()
-        counted, momentum = self._begin_step(group is not None)
+        running, counted, momentum = self._begin_step(group is not None)
         try:
             if group is None and not isinstance(running, pooling.StatisticsPool):
                 # Not distributed, or a group of one rank: nn.BatchNorm.

@@ -42,7 +42,9 @@ def _group(name: str):
 def batch_norm_forward(input: Tensor, weight, bias, eps: float, group, layer: str, check: bool):
     """Training forward over the group: (output, mean, biased var, count, host count)."""
     mean, var, count, host_count = core.batch_statistics(input, group, layer, check)
-    output = torch.batch_norm(input, weight, bias, mean, var, False, 0.0, eps, torch.backends.cudnn.enabled)
+    output = torch.batch_norm(
+        input, weight, bias, mean, var, False, 0.0, eps, input.is_cuda and torch.backends.cudnn.enabled
+    )
     return core.like(output, input), mean, var, count, host_count
 
 
@@ -56,7 +58,9 @@ def batch_norm_backward(
     if not input_needs_grad:
         return None, sum_dy_xhat, sum_dy
     if input.is_cuda and grad.stride() == input.stride():
-        means = core.reduce_grad_sums(sum_dy, sum_dy_xhat, count, host_count, group, layer, check, input)
+        mean_dy, mean_dy_xhat = core.reduce_grad_sums(
+            sum_dy, sum_dy_xhat, count, host_count, group, layer, check, input
+        )
         if input.numel() == 0:
             return torch.empty_like(input), sum_dy_xhat, sum_dy
         # torch's fused kernel. It divides sums by a count it is given in int32; the global count
@@ -65,21 +69,22 @@ def batch_norm_backward(
         # grad's layout is the input's; otherwise the two passes below write the input's layout
         # for the same memory traffic as a copy would cost.
         grad_input = torch.batch_norm_backward_elemt(
-            grad, input, mean, invstd, weight, means[0], means[1] / invstd, input.new_ones(1, dtype=torch.int32)
+            grad, input, mean, invstd, weight, mean_dy, mean_dy_xhat / invstd, input.new_ones(1, dtype=torch.int32)
         )
         return core.like(grad_input, input), sum_dy_xhat, sum_dy
-    # -[mean dy, mean dy x_hat] * c2 with c2 = weight * invstd; then
-    # dx = c2 dy - c2 mean(dy) - c2 x_hat mean(dy x_hat), in two native passes: an eval-mode
-    # batch norm (x_hat formed exactly as in the forward) plus c2 * dy.
-    means = core.reduce_grad_sums(sum_dy, sum_dy_xhat, count, host_count, group, layer, check, input, sign=-1.0)
+    # dx = c2 dy - c2 mean(dy) - c2 x_hat mean(dy x_hat) with c2 = weight * invstd, in two native
+    # passes: an eval-mode batch norm (x_hat formed exactly as in the forward) with weight
+    # -c2 mean(dy x_hat) and bias -c2 mean(dy), plus c2 * dy.
+    c2 = invstd if weight is None else invstd * weight
+    shift, slope = core.reduce_grad_sums(
+        sum_dy, sum_dy_xhat, count, host_count, group, layer, check, input, factor=c2, sign=-1.0
+    )
     if input.numel() == 0:
         return torch.empty_like(input), sum_dy_xhat, sum_dy
-    c2 = invstd if weight is None else invstd * weight
-    coefficients = means.mul_(c2)
     grad_input = torch.batch_norm(
-        input, coefficients[1], coefficients[0], mean, var, False, 0.0, eps, torch.backends.cudnn.enabled
+        input, slope, shift, mean, var, False, 0.0, eps, input.is_cuda and torch.backends.cudnn.enabled
     )
-    grad_input.addcmul_(grad, core.channel_view(c2, input.dim()))
+    grad_input.addcmul_(grad, c2 if input.dim() == 2 else core.channel_view(c2, input.dim()))
     return core.like(grad_input, input), sum_dy_xhat, sum_dy
 
 
