@@ -115,6 +115,11 @@ def like(result: Tensor, reference: Tensor) -> Tensor:
     return torch.empty_like(reference).copy_(result)
 
 
+def inverse_std(var: Tensor, eps: float) -> Tensor:
+    """``1 / sqrt(var + eps)``, with eps a cached 0-dim tensor on CPU (see :func:`scalar`)."""
+    return torch.rsqrt(var + (scalar(eps, var.dtype) if var.is_cpu and type(var) is Tensor else eps))
+
+
 def channel_view(t: Tensor, ndim: int) -> Tensor:
     return t.view((1, -1) + (1,) * (ndim - 2))
 

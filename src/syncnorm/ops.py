@@ -53,7 +53,7 @@ def batch_norm_backward(
     host_count: Optional[float], eps: float, group, layer: str, check: bool, input_needs_grad: bool,
 ) -> tuple[Optional[Tensor], Tensor, Tensor]:  # fmt: skip
     """(grad input, this rank's d weight, this rank's d bias); DDP averages the latter as usual."""
-    invstd = torch.rsqrt(var + eps)
+    invstd = core.inverse_std(var, eps)
     sum_dy, sum_dy_xhat = core.grad_sums(grad, input, mean, var, invstd, eps)
     if not input_needs_grad:
         return None, sum_dy_xhat, sum_dy
@@ -311,7 +311,7 @@ def inplace_abn_backward(
     sum_dz_xhat = sum_dz_xhat * gamma.sign()
     if not input_needs_grad:
         return None, sum_dz_xhat, sum_dz
-    invstd = torch.rsqrt(var + eps)
+    invstd = core.inverse_std(var, eps)
     scale = gamma * invstd
     if not training:
         grad_input = core.cast(dz * core.channel_view(scale, ndim), output.dtype)
