@@ -17,9 +17,11 @@ frameworks, the examples, the model zoos, the tools; their job scripts are in
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from syncnorm import testing
 
@@ -41,6 +43,15 @@ FILE_MARKERS = {
         )
     },
 }
+
+
+def pytest_configure(config):
+    # Each xdist worker shares the machine's cores with the other workers and with the ranks they
+    # start. With torch's default of one intra-op thread per core, OpenMP's spinning threads
+    # oversubscribe them: the model-zoo tests' convolutions then took 10 to 60 times their time
+    # alone on a 2-core machine, and once more than pytest's 300 s timeout.
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config, items):
