@@ -82,6 +82,9 @@ def _rank_main(fn, rank, world_size, args, folder, pg_timeout_s, threads, seed):
         dist.init_process_group(
             "gloo", store=store, rank=rank, world_size=world_size, timeout=timedelta(seconds=pg_timeout_s)
         )
+        # gloo's init can return on one rank while another still connects to it: a rank that
+        # failed at once and exited would then break the other's init ("connectFullMesh failed").
+        dist.barrier()
         if seed is not None:
             torch.manual_seed(seed + rank)
         outcome: Any = fn(rank, world_size, *args)
