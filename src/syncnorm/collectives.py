@@ -289,7 +289,7 @@ def all_reduce(
     On CPU it returns only once the backend no longer holds ``tensor`` (see the module docstring).
     """
     compiling = torch.compiler.is_compiling()
-    wait = tensor.is_cpu and _HAS_USE_COUNT and not compiling
+    wait = _waits_for_release(tensor) and not compiling
     baseline = tensor._use_count() if wait else 0
     recording = None if compiling else profiler._active
     begun = recording._begin(tensor) if recording is not None else None
@@ -319,7 +319,7 @@ def all_reduce(
             f"skipped this layer, or the process group's timeout expired. "
             f"Backend said: {type(err).__name__}: {err}." + check_hint()
         ) from err
-    if wait and tensor._use_count() > baseline:
+    if wait:
         _wait_until_released(tensor, baseline)
     if recording is not None:
         recording._end(begun, tensor, group, layer, what)

@@ -115,9 +115,14 @@ def like(result: Tensor, reference: Tensor) -> Tensor:
     return torch.empty_like(reference).copy_(result)
 
 
+def _host_tensor(t: Tensor) -> bool:
+    """A plain CPU tensor: one that may meet the cached CPU constants (fake and device tensors may not)."""
+    return t.is_cpu and type(t) is Tensor
+
+
 def inverse_std(var: Tensor, eps: float) -> Tensor:
     """``1 / sqrt(var + eps)``, with eps a cached 0-dim tensor on CPU (see :func:`scalar`)."""
-    return torch.rsqrt(var + (scalar(eps, var.dtype) if var.is_cpu and type(var) is Tensor else eps))
+    return torch.rsqrt(var + (scalar(eps, var.dtype) if _host_tensor(var) else eps))
 
 
 def channel_view(t: Tensor, ndim: int) -> Tensor:
@@ -299,7 +304,7 @@ def verify_fingerprint(sums: Tensor, group, layer: str, what: str) -> Optional[l
 
 def moments_payload(count: int, mean: Tensor, var: Tensor, layer: str, what: str) -> Tensor:
     """``[f, f^2, n, n mean, n (var + mean^2)]`` in float64, for a rank's n values per channel."""
-    if mean.is_cpu and type(mean) is Tensor:
+    if _host_tensor(mean):
         # One cat, which also casts to float64, then in-place arithmetic on its parts.
         channels = mean.shape[0]
         head, weights = _counted_head(layer, what, count, channels)

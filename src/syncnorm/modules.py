@@ -70,15 +70,20 @@ class SyncLayer:
     def _pool(self) -> Optional[pooling.StatisticsPool]:
         return self.__dict__.get(_POOL)
 
-    def _running_target(self) -> Optional[pooling.Running]:
-        """What a training forward updates: the running buffers, the open window's pool, or nothing."""
+    def _running_target(self, recomputing: Optional[bool] = None) -> Optional[pooling.Running]:
+        """What a training forward updates: the running buffers, the open window's pool, or nothing.
+
+        ``recomputing``: :func:`recomputing_in_backward`, when the caller has asked already.
+        """
         if not self._tracking():
             return None
         pool = self._pool()
         if pool is None:
             return self.running_mean, self.running_var
         # Activation checkpointing re-runs the forward in backward: the window already has it.
-        return pooling.ALREADY_POOLED if recomputing_in_backward() else pool
+        if recomputing is None:
+            recomputing = recomputing_in_backward()
+        return pooling.ALREADY_POOLED if recomputing else pool
 
     def _open_window(self) -> None:
         if self._tracking() and self._pool() is None:
@@ -115,14 +120,9 @@ class SyncLayer:
         inside backward: batch statistics again, but the running statistics were updated by the
         original forward, so momentum 0; an accumulation window counts its step when it closes.
         """
-        if not self.track_running_stats or self.running_mean is None:
-            return None, False, 0.0
-        pool = self.__dict__.get(_POOL)
         recomputing = recomputing_in_backward()
-        if pool is not None:
-            return (pooling.ALREADY_POOLED if recomputing else pool), False, 0.0
-        running = (self.running_mean, self.running_var)
-        if recomputing:
+        running = self._running_target(recomputing)
+        if running is None or isinstance(running, pooling.StatisticsPool) or recomputing:
             return running, False, 0.0
         steps = self.num_batches_tracked
         steps.add_(1)
