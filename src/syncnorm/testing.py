@@ -40,6 +40,7 @@ import contextlib
 import multiprocessing as mp
 import os
 import pickle
+import random
 import signal
 import socket
 import tempfile
@@ -218,8 +219,33 @@ def recorded_all_reduces() -> Iterator[list[tuple[int, torch.dtype]]]:
         dist.ProcessGroup.allreduce = saved
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    """The ports the kernel hands out for ``bind(port 0)`` and outgoing connections."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as handle:
+            low, high = (int(part) for part in handle.read().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 65535  # Linux's and the IANA range's union, where /proc is not there
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free now (for ``--master-port`` and the like)."""
+    """A TCP port on 127.0.0.1 that is free now (for ``--master-port`` and the like).
+
+    It is taken from outside the kernel's ephemeral range: a port from inside it could be handed
+    to another process (a gloo rank's listener, any outgoing connection) between this call and
+    the launcher's own bind, and a rank that then reaches the wrong listener waits forever.
+    """
+    low, high = _ephemeral_range()
+    candidates = [port for port in range(20000, 65536) if not low <= port <= high]
+    # Not the random module's shared state: a test that seeds it would make parallel runs pick alike.
+    for port in random.SystemRandom().sample(candidates, min(len(candidates), 64)):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]

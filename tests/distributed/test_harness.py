@@ -8,9 +8,12 @@ then blocks on it until pytest-timeout (seen in CI). ``kill_tree`` kills by desc
 from __future__ import annotations
 
 import os
+import re
+import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -52,12 +55,14 @@ def test_kill_tree_ends_torchrun_workers_that_run_in_sessions_of_their_own(tmp_p
     assert not [pid for pid in workers if _alive(pid)]
 
 
-def test_run_command_fails_a_job_that_overruns_with_its_output():
-    cmd = [sys.executable, "-c", "print('started', flush=True); import time; time.sleep(600)"]
+def test_run_command_fails_a_job_that_overruns_with_its_output_and_where_it_hung():
+    job = "print('started', flush=True)\nimport time\ndef stuck_here():\n    time.sleep(600)\nstuck_here()\n"
+    cmd = [sys.executable, "-c", job]
     started = time.monotonic()
-    with pytest.raises(pytest.fail.Exception, match=r"did not finish in 3 s[\s\S]*started"):
-        run_command(cmd, timeout=3)
+    with pytest.raises(pytest.fail.Exception, match=r"did not finish in 3 s[\s\S]*started") as failed:
+        run_command(cmd, timeout=3, env=launcher_free_env())
     assert time.monotonic() - started < 30
+    assert re.search(r"line 4 in stuck_here", str(failed.value)), str(failed.value)
 
 
 def test_run_command_returns_code_and_output_without_launcher_variables():
@@ -137,3 +142,14 @@ def test_shard_splits_a_global_batch_in_rank_order_with_uneven_and_empty_parts()
         syncnorm.testing.shard(batch, -1, sizes)
     with pytest.raises(ValueError, match="of a batch of 5"):
         syncnorm.testing.shard(batch, 1, [4, 2])
+
+
+def test_free_port_is_free_and_outside_the_ports_the_kernel_hands_out_by_itself():
+    # Inside that range, any process's listener or outgoing connection could take the port
+    # before the launcher binds it.
+    low, high = (int(part) for part in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    for _ in range(50):
+        port = syncnorm.testing.free_port()
+        assert not low <= port <= high, (port, low, high)
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", port))

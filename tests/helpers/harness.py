@@ -15,8 +15,10 @@ the output so far.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Optional
@@ -62,9 +64,30 @@ def launcher_free_env(**extra: str) -> dict[str, str]:
     ``PYTHON`` is this interpreter, the one the launch scripts in ``launch/`` then run; syncnorm
     comes from its installed package, as for a user."""
     env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_ENV and not k.startswith(LAUNCHER_ENV_PREFIXES)}
-    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHON=sys.executable)
+    # A job that aborts or is stopped for overrunning prints every thread's Python stack.
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONFAULTHANDLER="1", PYTHON=sys.executable)
     env.update(extra)
     return env
+
+
+def dump_python_stacks(pid: int, wait_s: float = 3.0) -> None:
+    """SIGABRT to every Python process in ``pid``'s tree: with ``PYTHONFAULTHANDLER`` set (see
+    :func:`launcher_free_env`) each prints where all its threads are, so a hung job says where it hung."""
+    targets = []
+    for target in [pid, *testing._descendants(pid)]:
+        try:
+            if os.path.basename(os.readlink(f"/proc/{target}/exe")).startswith("python"):
+                targets.append(target)
+        except OSError:
+            continue
+    for target in targets:
+        try:
+            os.kill(target, signal.SIGABRT)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline and any(os.path.exists(f"/proc/{target}") for target in targets):
+        time.sleep(0.1)
 
 
 def run_command(
@@ -88,6 +111,7 @@ def run_split(
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
+        dump_python_stacks(proc.pid)
         kill_tree(proc.pid)
         stdout, stderr = proc.communicate()
         import pytest  # here, not at the top: only a timed-out test needs it
