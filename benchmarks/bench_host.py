@@ -26,6 +26,7 @@ import json
 
 import torch
 import torch.distributed as dist
+from _host_floor import BareSyncBatchNorm
 from measure import DeviceClock, median, paired, syncnorm_commit, time_interleaved
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -48,7 +49,12 @@ class _CountOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+FLOOR = "floor (bare ops)"  # _host_floor.BareSyncBatchNorm: the same step without a layer's features
+
+
 def _layer(kind: str, channels: int, ndim: int, device: str) -> nn.Module:
+    if kind == FLOOR:
+        return BareSyncBatchNorm(channels, dist.group.WORLD).to(device)
     if kind == "nn.BatchNorm":
         return (nn.BatchNorm1d if ndim == 2 else nn.BatchNorm2d)(channels).to(device)
     if kind in ("syncnorm", PROFILING):
@@ -68,14 +74,36 @@ def _count_ops(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> tuple[i
 PROFILING = "syncnorm, profiling"  # the same layer inside ``with syncnorm.profile()``
 
 
-def measure(device: str, shapes, repeats: int, inner_ops: int, with_profiler: bool = False) -> list[dict]:
+def _check_floor(floor: nn.Module, reference: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> None:
+    """The floor must compute what syncnorm computes: output, gradients and running statistics."""
+    results = []
+    for layer in (floor, reference):
+        with torch.no_grad():
+            layer.weight.copy_(torch.linspace(0.5, 1.5, layer.num_features))
+            layer.bias.copy_(torch.linspace(-0.5, 0.5, layer.num_features))
+        x.grad = None
+        output = layer(x)
+        output.backward(grad)
+        results.append((output, x.grad, layer.weight.grad, layer.bias.grad, layer.running_mean, layer.running_var))
+        layer.weight.grad = layer.bias.grad = None
+    x.grad = None
+    for name, got, want in zip(("output", "d input", "d weight", "d bias", "running mean", "running var"), *results):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f"floor's {name}: {m}")
+
+
+def measure(
+    device: str, shapes, repeats: int, inner_ops: int, with_profiler: bool = False, with_floor: bool = False
+) -> list[dict]:
     kinds = ["nn.BatchNorm", "syncnorm"] + (["torch.nn.SyncBatchNorm"] if device == "cuda" else [])
     kinds += [PROFILING] if with_profiler else []
+    kinds += [FLOOR] if with_floor else []
     rows = []
     for shape in shapes:
         x = torch.randn(shape, device=device, requires_grad=True)
         grad = torch.randn(shape, device=device)
         layers = {kind: _layer(kind, shape[1], len(shape), device) for kind in kinds}
+        if with_floor:
+            _check_floor(layers[FLOOR], layers["syncnorm"], x, grad)
         ops = {}
         for kind, layer in layers.items():
             layer(x).backward(grad)  # warm up (and let the fake group settle)
@@ -122,13 +150,16 @@ def main() -> None:
     parser.add_argument(
         "--profiler", action="store_true", help=f"also '{PROFILING}': the layer inside syncnorm.profile()"
     )
+    parser.add_argument(
+        "--floor", action="store_true", help=f"also '{FLOOR}': syncnorm's CPU step without a layer's features"
+    )
     options = parser.parse_args()
     torch.set_num_threads(1)
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=FAKE_WORLD)
     shapes = TINY_SHAPES + MEDIUM_SHAPES + (RESNET50_LAYER_SHAPES if options.large else ())
-    rows = measure(options.device, shapes, options.repeats, options.inner, options.profiler)
+    rows = measure(options.device, shapes, options.repeats, options.inner, options.profiler, options.floor)
     commit = syncnorm_commit()
     print(
         f"host time per fwd+bwd, W={FAKE_WORLD} (fake group), {options.device}, torch {torch.__version__}, "
