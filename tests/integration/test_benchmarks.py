@@ -76,3 +76,16 @@ def _check_comm_model(model: dict) -> None:
         assert math.isclose(row["syncnorm"], 2 * (world - 1) / world * payload, rel_tol=1e-12), row
         assert row["syncnorm"] < 2 * payload, row
         assert row["all_gather"] >= (world - 1) * (2 * channels + 1) * 4, row
+
+
+def test_host_cost_benchmark_checks_its_floor_against_syncnorm_and_writes_every_row(tmp_path):
+    out = tmp_path / "host.json"
+    command = [sys.executable, os.path.join(BENCHMARKS, "bench_host.py"), "--floor", "--repeats", "2"]
+    returncode, stdout, stderr = run_split([*command, "--json", str(out)], timeout=240)
+    assert returncode == 0, stderr[-4000:]
+    rows = json.loads(out.read_text())["rows"]
+    layers = {"nn.BatchNorm", "syncnorm", "floor (bare ops)"}
+    for shape in ([32, 64], [8, 64, 4, 4], [8, 256, 14, 14]):
+        found = {row["layer"]: row for row in rows if row["shape"] == shape}
+        assert set(found) == layers, (shape, sorted(found))
+        assert all(row["host_us"] > 0 and row["aten_ops_forward"] > 0 for row in found.values())
