@@ -7,10 +7,10 @@ backward, eval-mode batch-norm kernels for the output and the input gradient, th
 It leaves out everything else a layer owes its users: the input checks and their errors, the
 fingerprint check, the error wrapping and release wait around the all_reduce, the guard switch,
 accumulation windows, checkpoint recomputation, rollback on failure, ``momentum=None``, half
-precision, the compile dispatch, empty ranks and the rule for at most one value. It is written
-for the fewest aten ops and the least Python per call (cached 0-dim constants, in-place
-arithmetic, one foreach op where two vectors get the same factor), with syncnorm's choice of
-kernels.
+precision and float64 inputs, the compile dispatch, empty ranks and the rule for at most one
+value. It is written for the fewest aten ops and the least Python per call (cached 0-dim
+constants, in-place arithmetic, one foreach op where two vectors get the same factor), with
+syncnorm's choice of kernels.
 
 ``bench_host.py --floor`` times it next to syncnorm, so the gap between the two is the cost of
 those features; its check, before timing, compares it with syncnorm. Not for use in training.
@@ -18,13 +18,17 @@ those features; its check, before timing, compares it with syncnorm. Not for use
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from syncnorm import core
+
 _F64 = torch.float64
-_FINGERPRINT = (7.0, 49.0)
+_FINGERPRINT = (7.0, 49.0)  # [f, f^2] of some layer: it costs what a real fingerprint costs
 
 
 class _Constants:
@@ -38,13 +42,24 @@ class _Constants:
         self.backward_head = torch.tensor(_FINGERPRINT, dtype=_F64)
         self.keep = torch.tensor(1.0 - momentum)
         self.eps = torch.tensor(eps)
-        self.global_count = None
+        self.global_count: Optional[float] = None
+        self.inverse_count: Optional[Tensor] = None
+        self.minus_inverse_count: Optional[Tensor] = None
 
-    def set_global_count(self, count: float) -> None:
+    def set_global_count(self, count: float) -> tuple[Tensor, Tensor]:
+        """(1 / count in float64, -1 / count in float32), cached for the last count."""
         if self.global_count != count:
             self.global_count = count
             self.inverse_count = torch.tensor(1.0 / count, dtype=_F64)
             self.minus_inverse_count = torch.tensor(-1.0 / count)
+        return self.inverse_count, self.minus_inverse_count
+
+
+def _local_moments(input: Tensor) -> tuple[Tensor, Tensor]:
+    """syncnorm's choice of kernel: its two-pass route for large contiguous inputs, else torch's."""
+    if input.numel() >= core._TWO_PASS_MIN_NUMEL and input.dim() > 2 and input.is_contiguous():
+        return core.local_moments(input)
+    return torch.batch_norm_update_stats(input, None, None, 0.0)
 
 
 class _BareFunction(torch.autograd.Function):
@@ -52,29 +67,29 @@ class _BareFunction(torch.autograd.Function):
     def forward(ctx, input: Tensor, weight: Tensor, bias: Tensor, layer: BareSyncBatchNorm) -> Tensor:
         channels = input.shape[1]
         constants = layer.constants(input.numel() // channels)
-        mean, var = torch.batch_norm_update_stats(input, None, None, 0.0)
+        mean, var = _local_moments(input)
         payload = torch.cat((constants.head, mean, var))
         head, first, second = payload.split_with_sizes((3, channels, channels))
         second.addcmul_(first, first)
         payload.mul_(constants.weights)
         layer.group.allreduce([payload]).wait()
         count = head.tolist()[2]
-        constants.set_global_count(count)
-        torch._foreach_mul_((first, second), constants.inverse_count)
+        inverse_count, minus_inverse_count = constants.set_global_count(count)
+        torch._foreach_mul_((first, second), inverse_count)
         second.addcmul_(first, first, value=-1).clamp_min_(0)
         mean, var = first.float(), second.float()
         output = torch.batch_norm(input, weight, bias, mean, var, False, 0.0, layer.eps, False)
         layer.running_mean.lerp_(mean, layer.momentum)
         layer.running_var.mul_(constants.keep).add_(var, alpha=layer.momentum * count / (count - 1))
         ctx.save_for_backward(input, weight, mean, var)
-        ctx.layer = layer
+        ctx.config = (layer, constants, minus_inverse_count)
         return output
 
     @staticmethod
-    def backward(ctx, grad: Tensor):
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, Tensor, None]:
         input, weight, mean, var = ctx.saved_tensors
-        layer, channels = ctx.layer, input.shape[1]
-        constants = layer.constants(input.numel() // channels)
+        layer, constants, minus_inverse_count = ctx.config
+        channels = input.shape[1]
         invstd = var.add(constants.eps).rsqrt_()
         _, sum_dy_xhat, sum_dy = torch.ops.aten.native_batch_norm_backward.default(
             grad, input, None, mean, var, None, None, False, layer.eps, [False, True, True]
@@ -84,7 +99,7 @@ class _BareFunction(torch.autograd.Function):
         layer.group.allreduce([payload]).wait()
         head.tolist()
         c2 = invstd.mul_(weight)
-        scale = c2 * constants.minus_inverse_count
+        scale = c2 * minus_inverse_count
         shift, slope = total_dy.float(), total_dy_xhat.float()
         torch._foreach_mul_((shift, slope), (scale, scale))
         grad_input = torch.batch_norm(input, slope, shift, mean, var, False, 0.0, layer.eps, False)

@@ -234,10 +234,11 @@ def free_port() -> int:
 
     It is taken from outside the kernel's ephemeral range: a port from inside it could be handed
     to another process (a gloo rank's listener, any outgoing connection) between this call and
-    the launcher's own bind, and a rank that then reaches the wrong listener waits forever.
+    the launcher's own bind, and a rank that then reaches the wrong listener waits forever. Only
+    where that range leaves no port from 1024 up does it fall back to one from the range.
     """
     low, high = _ephemeral_range()
-    candidates = [port for port in range(20000, 65536) if not low <= port <= high]
+    candidates = [port for port in range(1024, 65536) if not low <= port <= high]
     # Not the random module's shared state: a test that seeds it would make parallel runs pick alike.
     for port in random.SystemRandom().sample(candidates, min(len(candidates), 64)):
         with socket.socket() as sock:

@@ -56,13 +56,26 @@ def test_kill_tree_ends_torchrun_workers_that_run_in_sessions_of_their_own(tmp_p
 
 
 def test_run_command_fails_a_job_that_overruns_with_its_output_and_where_it_hung():
-    job = "print('started', flush=True)\nimport time\ndef stuck_here():\n    time.sleep(600)\nstuck_here()\n"
-    cmd = [sys.executable, "-c", job]
+    # The job's non-Python child outlives its aborted parent unless it was listed before the abort.
+    job = (
+        "import subprocess, time\n"
+        "child = subprocess.Popen(['sleep', '600'])\n"
+        "print('started, child', child.pid, flush=True)\n"
+        "def stuck_here():\n"
+        "    time.sleep(600)\n"
+        "stuck_here()\n"
+    )
     started = time.monotonic()
     with pytest.raises(pytest.fail.Exception, match=r"did not finish in 3 s[\s\S]*started") as failed:
-        run_command(cmd, timeout=3, env=launcher_free_env())
+        run_command([sys.executable, "-c", job], timeout=3, env=launcher_free_env())
     assert time.monotonic() - started < 30
-    assert re.search(r"line 4 in stuck_here", str(failed.value)), str(failed.value)
+    message = str(failed.value)
+    assert re.search(r"line 5 in stuck_here", message), message
+    child = int(re.search(r"started, child (\d+)", message).group(1))
+    deadline = time.monotonic() + 10
+    while _alive(child) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(child)
 
 
 def test_run_command_returns_code_and_output_without_launcher_variables():
@@ -144,6 +157,7 @@ def test_shard_splits_a_global_batch_in_rank_order_with_uneven_and_empty_parts()
         syncnorm.testing.shard(batch, 1, [4, 2])
 
 
+@pytest.mark.skipif(not Path("/proc/sys/net/ipv4/ip_local_port_range").exists(), reason="Linux's /proc only")
 def test_free_port_is_free_and_outside_the_ports_the_kernel_hands_out_by_itself():
     # Inside that range, any process's listener or outgoing connection could take the port
     # before the launcher binds it.

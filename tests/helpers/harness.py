@@ -15,6 +15,7 @@ the output so far.
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -70,15 +71,27 @@ def launcher_free_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def dump_python_stacks(pid: int, wait_s: float = 3.0) -> None:
-    """SIGABRT to every Python process in ``pid``'s tree: with ``PYTHONFAULTHANDLER`` set (see
-    :func:`launcher_free_env`) each prints where all its threads are, so a hung job says where it hung."""
+def _running(pid: int) -> bool:
+    """Alive and not yet a zombie (a child that exited stays in /proc until it is reaped)."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            stat = handle.read()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
+
+
+def dump_python_stacks(tree: list[int], wait_s: float = 3.0) -> None:
+    """SIGABRT to every Python process in ``tree``: with ``PYTHONFAULTHANDLER`` set (see
+    :func:`launcher_free_env`) each prints where all its threads are, so a hung job says where it
+    hung. Core dumps are switched off for them first (the abort would otherwise write one)."""
     targets = []
-    for target in [pid, *testing._descendants(pid)]:
+    for target in tree:
         try:
             if os.path.basename(os.readlink(f"/proc/{target}/exe")).startswith("python"):
+                resource.prlimit(target, resource.RLIMIT_CORE, (0, 0))
                 targets.append(target)
-        except OSError:
+        except (OSError, ValueError):
             continue
     for target in targets:
         try:
@@ -86,7 +99,7 @@ def dump_python_stacks(pid: int, wait_s: float = 3.0) -> None:
         except ProcessLookupError:
             pass
     deadline = time.monotonic() + wait_s
-    while time.monotonic() < deadline and any(os.path.exists(f"/proc/{target}") for target in targets):
+    while time.monotonic() < deadline and any(_running(target) for target in targets):
         time.sleep(0.1)
 
 
@@ -111,13 +124,17 @@ def run_split(
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        dump_python_stacks(proc.pid)
-        kill_tree(proc.pid)
+        # The tree is listed before any process ends: the children of an aborted parent are
+        # re-parented, and kill_tree could no longer find them from the job's root.
+        tree = [proc.pid, *testing._descendants(proc.pid)]
+        dump_python_stacks(tree)
+        for pid in tree:
+            kill_tree(pid)
         stdout, stderr = proc.communicate()
         import pytest  # here, not at the top: only a timed-out test needs it
 
         pytest.fail(
             f"did not finish in {timeout:.0f} s (process tree killed): {' '.join(map(str, cmd))}\n"
-            f"{stdout[-5000:]}\n{(stderr or '')[-3000:]}"
+            f"{stdout[-20000:]}\n{(stderr or '')[-20000:]}"
         )
     return proc.returncode, stdout, stderr or ""
