@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.instancenorm import _InstanceNorm
 
-from . import collectives, core, guard, pooling
+from . import collectives, core, fingerprint, guard, pooling
 from .functional import batch_norm_eval
 from .modules import SyncBatchNorm, SyncLayer, recomputing_in_backward
 
@@ -217,7 +217,7 @@ class _SyncInstanceNorm(SyncLayer, _InstanceNorm):
                 instance_mean.sum(0, dtype=torch.float64),
                 instance_var.sum(0, dtype=torch.float64),
             )
-            payload = torch.cat((core.fingerprint_head(self.layer_name, what, sums), sums))
+            payload = torch.cat((fingerprint.fingerprint_head(self.layer_name, what, sums), sums))
             group = self._group() if self._synchronises_running_stats() else None
             if group is not None:
                 core.reduce_payload(

@@ -58,7 +58,7 @@ def syncnorm_untouched() -> Optional[bool]:
 
     The stand-in sets syncnorm's cached backend test for the group on purpose (so that the
     fingerprint assert runs as on NCCL, see ``fingerprint_check_on``); that one is not counted."""
-    cache = getattr(syncnorm.core, "_fingerprints", None)
+    cache = getattr(syncnorm.fingerprint, "_fingerprints", None)
     return None if not isinstance(cache, dict) else not cache
 
 

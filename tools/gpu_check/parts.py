@@ -162,9 +162,9 @@ def fingerprint_check_on():
     unchanged (it would fail). The stand-ins sum payloads as real ranks do, so the check holds;
     turned on, its CUDA device-side assert (``torch._assert_async``) runs inside the sync-debug
     and CUDA-graph checks as it does on NCCL. Done through syncnorm's per-group cache of the
-    backend test (``syncnorm.core._fake_backend``); yields False where that cache is not there.
+    backend test (``syncnorm.fingerprint._fake_backend``); yields False where that cache is not there.
     """
-    cache = getattr(syncnorm.core, "_fake_backend", None)
+    cache = getattr(syncnorm.fingerprint, "_fake_backend", None)
     if not (dist.is_available() and dist.is_initialized()) or not isinstance(cache, dict):
         yield False
         return

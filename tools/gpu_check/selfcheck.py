@@ -323,7 +323,7 @@ def test_other_ranks_add_the_recorded_payload_of_w_minus_1_ranks():
 
 def test_the_fresh_case_is_refused_where_syncnorm_ran_before(monkeypatch):
     # what a synchronised call leaves behind: its layer's fingerprint, cached
-    monkeypatch.setitem(syncnorm.core._fingerprints, ("planted layer", "forward statistics"), (1, torch.ones(2)))
+    monkeypatch.setitem(syncnorm.fingerprint._fingerprints, ("planted layer", "forward statistics"), (1, torch.ones(2)))
     result = fresh.run_case("probe", torch.device("cpu"), 2, 16, steps=1)
     assert result["fresh"] is False and result["equal"] is True
     verdict = fresh.first_call_check({"probe": result, "resnet50": dict(result, model="resnet50")}, False, -1)
