@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -155,8 +156,12 @@ def run_accelerate(out: Path, mixed_precision: str) -> None:
         "norm_input_dtypes": sorted(set(norm_inputs)),
     }
     record(out, "accelerate", accelerator.process_index, accelerator.unwrap_model(wrapped), wrapped, seen, **extra)
+    # The ending docs/frameworks.md gives for gloo: end_training() destroys the process group
+    # while the DDP wrapper still holds it, and a rank could hang in gloo's teardown (see
+    # docs/troubleshooting.md, "Hangs after training finished").
     accelerator.wait_for_everyone()
-    accelerator.end_training()
+    sys.stdout.flush(), sys.stderr.flush()
+    os._exit(0)
 
 
 # --- Ray Train ---------------------------------------------------------------------------------
