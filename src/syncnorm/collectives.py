@@ -9,7 +9,8 @@ failure shows later, from NCCL's watchdog, which aborts the process (see
 ``docs/failure-behaviour.md``). A gloo size mismatch aborts inside gloo's own thread.
 
 On a CPU tensor (gloo) every collective also waits until the backend's worker
-thread has let go of the tensor (:func:`_wait_until_released`). Without that, a
+thread has let go of the tensor (:func:`_wait_until_released`), a failed one too
+before it raises. Without that, a
 process that exits soon after a collective can abort ("terminate called without
 an active exception"): once Python has dropped a tensor that the worker still
 holds, the worker's release must take the GIL, and a thread that asks for the
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import os
 import time
+import traceback
 import warnings
 from collections import deque
 from datetime import timedelta
@@ -310,7 +312,11 @@ def all_reduce(
             del work  # the work holds the tensor: the release wait below counts on it being gone
     except Exception as err:  # backend errors have no common base class
         if wait:
-            _still_held.append(tensor)  # the backend may still hold it: never its last reference
+            # As on success: a failed gloo collective has ended too, but its worker may not have let
+            # go of the tensor yet; a caller that exits at once would race it (module docstring).
+            work = None  # our handle holds the tensor as well, and so do the frames the error passed
+            traceback.clear_frames(err.__traceback__)
+            _wait_until_released(tensor, baseline)
         from .guard import check_hint
 
         raise SyncNormCollectiveError(

@@ -92,6 +92,47 @@ def test_cpu_collectives_return_after_gloo_let_go_of_the_tensor():
         assert held["release waits that ran out"] == 0, held
 
 
+FAILED_PG_TIMEOUT = 3.0
+
+
+def _held_after_failure(rank, world, flag: str):
+    """Rank 0's all_reduce times out (rank 1 never joins): who still holds the tensor when the error arrives."""
+    if rank == 1:
+        deadline = time.monotonic() + 60
+        while not Path(flag).exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        raise RuntimeError("rank 1 released")
+    tensor = torch.ones(9, dtype=torch.float64)
+    before = tensor._use_count()
+    started = time.monotonic()
+    try:
+        collectives.all_reduce(tensor, dist.group.WORLD, layer="probe", what="test")
+    except syncnorm.SyncNormCollectiveError:
+        raise RuntimeError(
+            f"held {tensor._use_count() - before} after {time.monotonic() - started:.2f} s, "
+            f"release waits that ran out {len(collectives._still_held)}"
+        ) from None
+    finally:
+        Path(flag).touch()
+
+
+def test_a_failed_cpu_collective_raises_after_gloo_let_go_of_the_tensor(tmp_path):
+    """A process that exits right after a collective error must not race gloo's worker either: the
+    error reaches the caller only once nothing but the caller holds the tensor (the frames the error
+    passed through held gloo's work, and with it the tensor)."""
+    results = run_ranks(
+        _held_after_failure, 2, str(tmp_path / "rank0-done"), expect_errors=True, timeout=90,
+        pg_timeout=FAILED_PG_TIMEOUT,
+    )  # fmt: skip
+    assert isinstance(results[0], RankError), results
+    found = re.search(r"held (-?\d+) after ([\d.]+) s, release waits that ran out (\d+)", results[0].message)
+    assert found, results[0].message
+    held, seconds, ran_out = int(found.group(1)), float(found.group(2)), int(found.group(3))
+    assert held == 0 and ran_out == 0, results[0].message
+    # The timeout ended it, and no release wait ran out on top of it (that would add 2 s).
+    assert FAILED_PG_TIMEOUT * 0.9 <= seconds < FAILED_PG_TIMEOUT + 1.5, results[0].message
+
+
 def _exit_counts(jobs: str, repeats: int) -> dict[str, tuple[int, int]]:
     command = [sys.executable, str(ROOT / "tools" / "exit_repeat.py"), "--jobs", jobs, "--repeats", str(repeats)]
     completed = subprocess.run(command, capture_output=True, text=True, timeout=280, cwd=ROOT)
