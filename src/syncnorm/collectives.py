@@ -171,6 +171,17 @@ _RELEASE_WAIT_S = 2.0
 _still_held: deque = deque(maxlen=64)
 
 
+def _wait_until_all_released(
+    tensors: list[torch.Tensor], baselines: list[int], failure: Optional[BaseException]
+) -> None:
+    """:func:`_wait_until_released` for each tensor; after a ``failure`` too, whose frames (which
+    held the backend's work, and with it the tensors) are cleared first."""
+    if failure is not None:
+        traceback.clear_frames(failure.__traceback__)
+    for tensor, baseline in zip(tensors, baselines):
+        _wait_until_released(tensor, baseline)
+
+
 def _wait_until_released(tensor: torch.Tensor, baseline: int) -> None:
     """Return once no backend thread holds ``tensor`` any more (its use count is back at ``baseline``)."""
     if tensor._use_count() <= baseline:
@@ -314,9 +325,8 @@ def all_reduce(
         if wait:
             # As on success: a failed gloo collective has ended too, but its worker may not have let
             # go of the tensor yet; a caller that exits at once would race it (module docstring).
-            work = None  # our handle holds the tensor as well, and so do the frames the error passed
-            traceback.clear_frames(err.__traceback__)
-            _wait_until_released(tensor, baseline)
+            work = None  # our handle holds the tensor as well
+            _wait_until_all_released([tensor], [baseline], err)
         from .guard import check_hint
 
         raise SyncNormCollectiveError(
@@ -340,12 +350,13 @@ def all_gather_rows(row: torch.Tensor, group: dist.ProcessGroup, *, layer: str, 
     try:
         dist.all_gather(rows, row, group=group)
     except Exception as err:
+        if wait:
+            _wait_until_all_released([row, *rows], baselines, err)
         from .guard import check_hint
 
         raise SyncNormCollectiveError(
             f"syncnorm: the {what} all_gather of layer '{layer}' failed on rank {dist.get_rank()}: "
             f"{type(err).__name__}: {err}." + check_hint()
         ) from err
-    for tensor, baseline in zip([row, *rows], baselines):
-        _wait_until_released(tensor, baseline)
+    _wait_until_all_released([row, *rows], baselines, None)
     return torch.stack(rows)

@@ -95,8 +95,8 @@ def test_cpu_collectives_return_after_gloo_let_go_of_the_tensor():
 FAILED_PG_TIMEOUT = 3.0
 
 
-def _held_after_failure(rank, world, flag: str):
-    """Rank 0's all_reduce times out (rank 1 never joins): who still holds the tensor when the error arrives."""
+def _held_after_failure(rank, world, flag: str, collective: str):
+    """Rank 0's collective times out (rank 1 never joins): who still holds the tensor when the error arrives."""
     if rank == 1:
         deadline = time.monotonic() + 60
         while not Path(flag).exists() and time.monotonic() < deadline:
@@ -106,7 +106,10 @@ def _held_after_failure(rank, world, flag: str):
     before = tensor._use_count()
     started = time.monotonic()
     try:
-        collectives.all_reduce(tensor, dist.group.WORLD, layer="probe", what="test")
+        if collective == "all_reduce":
+            collectives.all_reduce(tensor, dist.group.WORLD, layer="probe", what="test")
+        else:
+            collectives.all_gather_rows(tensor, dist.group.WORLD, layer="probe", what="test")
     except syncnorm.SyncNormCollectiveError:
         raise RuntimeError(
             f"held {tensor._use_count() - before} after {time.monotonic() - started:.2f} s, "
@@ -116,12 +119,13 @@ def _held_after_failure(rank, world, flag: str):
         Path(flag).touch()
 
 
-def test_a_failed_cpu_collective_raises_after_gloo_let_go_of_the_tensor(tmp_path):
+@pytest.mark.parametrize("collective", ["all_reduce", "all_gather_rows"])
+def test_a_failed_cpu_collective_raises_after_gloo_let_go_of_the_tensor(tmp_path, collective):
     """A process that exits right after a collective error must not race gloo's worker either: the
     error reaches the caller only once nothing but the caller holds the tensor (the frames the error
     passed through held gloo's work, and with it the tensor)."""
     results = run_ranks(
-        _held_after_failure, 2, str(tmp_path / "rank0-done"), expect_errors=True, timeout=90,
+        _held_after_failure, 2, str(tmp_path / "rank0-done"), collective, expect_errors=True, timeout=90,
         pg_timeout=FAILED_PG_TIMEOUT,
     )  # fmt: skip
     assert isinstance(results[0], RankError), results
