@@ -18,20 +18,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from helpers.harness import kill_tree, launcher_free_env, recorded_all_reduces, run_command, run_ranks
+from helpers.harness import alive, kill_tree, launcher_free_env, recorded_all_reduces, run_command, run_ranks
 
 import syncnorm
 import syncnorm.testing
 
 SLEEPER = "import os, pathlib, time; pathlib.Path(os.environ['PIDS'], str(os.getpid())).touch(); time.sleep(600)"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as handle:
-            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has ended
-    except FileNotFoundError:
-        return False
 
 
 def test_kill_tree_ends_torchrun_workers_that_run_in_sessions_of_their_own(tmp_path):
@@ -50,9 +42,9 @@ def test_kill_tree_ends_torchrun_workers_that_run_in_sessions_of_their_own(tmp_p
     kill_tree(proc.pid)
     proc.communicate(timeout=30)  # the pipe closes: nobody holds it any more
     deadline = time.monotonic() + 10
-    while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
+    while any(alive(pid) for pid in workers) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not [pid for pid in workers if _alive(pid)]
+    assert not [pid for pid in workers if alive(pid)]
 
 
 def test_run_command_fails_a_job_that_overruns_with_its_output_and_where_it_hung():
@@ -73,9 +65,9 @@ def test_run_command_fails_a_job_that_overruns_with_its_output_and_where_it_hung
     assert re.search(r"line 5 in stuck_here", message), message
     child = int(re.search(r"started, child (\d+)", message).group(1))
     deadline = time.monotonic() + 10
-    while _alive(child) and time.monotonic() < deadline:
+    while alive(child) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not _alive(child)
+    assert not alive(child)
 
 
 def test_run_command_returns_code_and_output_without_launcher_variables():

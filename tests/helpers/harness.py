@@ -71,8 +71,8 @@ def launcher_free_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def _running(pid: int) -> bool:
-    """Alive and not yet a zombie (a child that exited stays in /proc until it is reaped)."""
+def alive(pid: int) -> bool:
+    """Running: in /proc and not a zombie (a child that exited stays in /proc until it is reaped)."""
     try:
         with open(f"/proc/{pid}/stat") as handle:
             stat = handle.read()
@@ -99,7 +99,7 @@ def dump_python_stacks(tree: list[int], wait_s: float = 3.0) -> None:
         except ProcessLookupError:
             pass
     deadline = time.monotonic() + wait_s
-    while time.monotonic() < deadline and any(_running(target) for target in targets):
+    while time.monotonic() < deadline and any(alive(target) for target in targets):
         time.sleep(0.1)
 
 
