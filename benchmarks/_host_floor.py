@@ -57,7 +57,7 @@ class _Constants:
 
 def _local_moments(input: Tensor) -> tuple[Tensor, Tensor]:
     """syncnorm's choice of kernel: its two-pass route for large contiguous inputs, else torch's."""
-    if input.numel() >= core._TWO_PASS_MIN_NUMEL and input.dim() > 2 and input.is_contiguous():
+    if core.takes_two_passes(input):
         return core.local_moments(input)
     return torch.batch_norm_update_stats(input, None, None, 0.0)
 

@@ -152,6 +152,16 @@ def _scratch(numel: int, like: Tensor, dtype: torch.dtype) -> Tensor:
     return buffer
 
 
+def takes_two_passes(input: Tensor) -> bool:
+    """Whether :func:`local_moments` takes its two-pass route: large contiguous (N, C, *spatial) on CPU."""
+    return (
+        input.device.type == "cpu"
+        and input.numel() >= _TWO_PASS_MIN_NUMEL
+        and input.dim() > 2
+        and input.is_contiguous()
+    )
+
+
 def local_moments(input: Tensor) -> tuple[Tensor, Tensor]:
     """Per-channel mean and biased variance of an (N, C, *) tensor, in the statistics dtype.
 
@@ -165,12 +175,7 @@ def local_moments(input: Tensor) -> tuple[Tensor, Tensor]:
     if input.numel() == 0:
         zeros = input.new_zeros(channels, dtype=dtype)
         return zeros, zeros
-    if (
-        input.device.type == "cpu"
-        and input.numel() >= _TWO_PASS_MIN_NUMEL
-        and input.dim() > 2
-        and input.is_contiguous()
-    ):
+    if takes_two_passes(input):
         per_sample = input.view(input.shape[0], channels, -1)
         mean = per_sample.mean((0, 2), dtype=dtype)
         centre = mean.view(1, channels, 1)
